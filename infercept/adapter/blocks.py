@@ -1,0 +1,48 @@
+"""Moving a paused request's device blocks to the request that resumes it.
+
+This reaches into vLLM 0.32's KV cache manager: each single-type manager
+keeps per-request bookkeeping in dicts keyed by request id (`req_to_blocks`,
+`num_cached_block`, ...). A resume re-keys that bookkeeping from the paused
+request's id to the resuming one's, so the blocks change owner without being
+freed, copied or re-hashed. `tests/engine/test_vllm_internals.py` fails
+loudly if the layout changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`."""
+    n = min(limit, len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _per_request_dicts(manager) -> list[dict]:
+    return [
+        value
+        for value in vars(manager).values()
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
+    ]
+
+
+def transfer(kv_cache_manager, old_request_id: str, new_request_id: str) -> int:
+    """Give `old_request_id`'s blocks to `new_request_id`; returns how many moved."""
+    moved = 0
+    for manager in kv_cache_manager.coordinator.single_type_managers:
+        if new_request_id in manager.req_to_blocks:
+            raise RuntimeError(f"request {new_request_id} already holds blocks")
+        moved += len(manager.req_to_blocks.get(old_request_id, ()))
+        for table in _per_request_dicts(manager):
+            if old_request_id in table:
+                table[new_request_id] = table.pop(old_request_id)
+    return moved
+
+
+def block_ids(kv_cache_manager, request_id: str) -> list[int]:
+    """The request's device block ids (the single KV cache group)."""
+    return list(kv_cache_manager.get_block_ids(request_id)[0])

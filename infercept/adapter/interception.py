@@ -1,0 +1,115 @@
+"""What the engine core knows about one interception.
+
+A request asks to be intercepted through its sampling parameters'
+`extra_args["infercept"]` (`InterceptSpec`): a text trigger (a stop-like
+string: the request pauses on the token that completes it) or, for
+benchmarks, a scripted count of generated tokens. A resume is a new request
+whose prompt is the whole token sequence and whose spec names the paused
+request in `resume`; the engine hands it the paused request's KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from infercept.policy.types import Location
+
+# The engine core's stop_reason on the output that ends an intercepted segment.
+STOP_REASON = "infercept:intercepted"
+EXTRA_ARGS_KEY = "infercept"
+
+
+class InterceptSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class InterceptSpec:
+    triggers: tuple[str, ...] = ()
+    intercept_after: int | None = None
+    resume: str | None = None
+    tool: str | None = None
+    expected_duration_s: float | None = None
+
+    @property
+    def intercepts(self) -> bool:
+        return bool(self.triggers) or self.intercept_after is not None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "InterceptSpec":
+        if not data:
+            return cls()
+        if not isinstance(data, dict):
+            raise InterceptSpecError("'infercept' must be an object")
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise InterceptSpecError(f"unknown infercept field(s): {', '.join(sorted(unknown))}")
+        triggers = data.get("triggers") or ()
+        if isinstance(triggers, str) or not all(isinstance(t, str) and t for t in triggers):
+            raise InterceptSpecError("'triggers' must be a list of non-empty strings")
+        after = data.get("intercept_after")
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 1):
+            raise InterceptSpecError("'intercept_after' must be a positive integer")
+        resume = data.get("resume")
+        if resume is not None and not isinstance(resume, str):
+            raise InterceptSpecError("'resume' must be a string")
+        tool = data.get("tool")
+        if tool is not None and not isinstance(tool, str):
+            raise InterceptSpecError("'tool' must be a string")
+        expected = data.get("expected_duration_s")
+        if expected is not None:
+            if isinstance(expected, bool) or not isinstance(expected, (int, float)) or not expected >= 0:
+                raise InterceptSpecError("'expected_duration_s' must be a number >= 0")
+            expected = float(expected)
+        return cls(tuple(triggers), after, resume, tool, expected)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.triggers:
+            out["triggers"] = list(self.triggers)
+        for name in ("intercept_after", "resume", "tool", "expected_duration_s"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def of(cls, sampling_params) -> "InterceptSpec":
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        return cls.from_dict(extra.get(EXTRA_ARGS_KEY))
+
+
+def trigger_completed(output_token_ids, triggers, decode) -> bool:
+    """Whether the newest output token completes one of the text triggers.
+
+    Only a short tail is decoded: enough tokens to hold the longest trigger
+    (every token is at least one byte) plus one for a split character. The
+    trigger counts as completed when it is in the tail's text but was not in
+    the text before the newest token.
+    """
+    if not triggers or not output_token_ids:
+        return False
+    width = max(len(t.encode()) for t in triggers) + 1
+    tail = list(output_token_ids[-width - 1 :])
+    text, before = decode(tail), decode(tail[:-1])
+    return any(t in text and t not in before for t in triggers)
+
+
+@dataclass
+class Interception:
+    """An intercepted request held by the scheduler between its segments."""
+
+    request: Any  # vllm.v1.request.Request
+    spec: InterceptSpec
+    paused_at_s: float
+    num_kv_tokens: int  # tokens whose KV was computed at the pause
+    location: Location = Location.DEVICE
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def context_tokens(self) -> int:
+        return self.request.num_tokens

@@ -1,0 +1,39 @@
+"""vLLM general plugin: runs `register()` in every vLLM process.
+
+Registered through the `vllm.general_plugins` entry point in pyproject.toml;
+this is the only place where InferCept registers itself with vLLM.
+"""
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def register() -> None:
+    """Prepare this vLLM process for InferCept. Safe to call many times."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _init_cpu_amx()
+
+
+def _init_cpu_amx() -> None:
+    """Enable AMX tiles so bf16 attention on Sapphire Rapids does not SIGILL.
+
+    vLLM's CPU build picks an AMX kernel for bf16 with block sizes that are a
+    multiple of 32; Linux only grants AMX state to a process that asked for it.
+    """
+    import torch
+
+    if torch.cuda.is_available() or not hasattr(torch._C, "_cpu"):
+        return
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    if init_amx is None:
+        return
+    try:
+        init_amx()
+    except RuntimeError as exc:  # no AMX on this CPU: bf16 takes another kernel
+        logger.debug("AMX not enabled: %s", exc)

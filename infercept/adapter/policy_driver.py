@@ -1,0 +1,177 @@
+"""Runs the pure policy inside vLLM's scheduler and carries out its plan.
+
+Every iteration: describe each paused request and the running batch to the
+policy (`infercept.policy`, which knows nothing of vLLM), then apply its
+decisions to vLLM's block manager and the swap connector. Also keeps the
+counters that metrics and benchmarks read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from infercept.adapter import blocks
+from infercept.adapter.cost import initial_cost_model
+from infercept.policy import Action, BatchState, DurationEstimator, Intercepted, Location, make_policy
+
+if TYPE_CHECKING:
+    from infercept.adapter.interception import Interception
+    from infercept.adapter.swap_planner import SwapPlanner
+    from infercept.config import InterceptConfig
+
+
+@dataclass
+class InterceptStats:
+    """Cumulative counters since the engine started."""
+
+    interceptions: int = 0
+    resumes: int = 0
+    decisions: Counter = field(default_factory=Counter)  # action name -> count
+    tokens_reused: int = 0
+    tokens_to_recompute: int = 0
+    resume_wait_s: float = 0.0
+
+
+class PolicyDriver:
+    def __init__(self, scheduler, config: "InterceptConfig", swap: "SwapPlanner | None"):
+        self.scheduler = scheduler
+        self.config = config
+        self.swap = swap
+        self.policy = None if config.policy == "vllm" else make_policy(config.policy)
+        self.estimator = DurationEstimator()
+        self.cost = initial_cost_model(scheduler.vllm_config, scheduler.kv_cache_config, swap)
+        self.stats = InterceptStats()
+
+    @property
+    def pauses(self) -> bool:
+        """False under the stock `vllm` policy: an interception ends the request."""
+        return self.policy is not None
+
+    @property
+    def block_size(self) -> int:
+        return self.scheduler.block_size
+
+    # ---- every iteration ---------------------------------------------------
+
+    def step(self) -> None:
+        now = time.monotonic()
+        intercepts = self.scheduler.intercepts
+        views = [self._view(p, now) for p in intercepts.values()]
+        plan = self.policy.plan(views, self._batch_state(), self.cost)
+        for decision in plan.decisions:
+            paused = intercepts[decision.request_id]
+            self._apply(paused, decision.action)
+            self._record(paused, decision, now)
+
+    def _view(self, paused: "Interception", now: float) -> Intercepted:
+        tool, hint = paused.spec.tool, paused.spec.expected_duration_s
+        elapsed_s = now - paused.paused_at_s
+        return Intercepted(
+            request_id=paused.request_id,
+            context_tokens=paused.num_kv_tokens,
+            location=paused.location,
+            elapsed_s=elapsed_s,
+            remaining_s=self.estimator.remaining_s(tool, elapsed_s, hint),
+            arrival_s=paused.request.arrival_time,
+            ttl_s=self.estimator.ttl_s(tool),
+        )
+
+    def _batch_state(self) -> BatchState:
+        s, block_size = self.scheduler, self.block_size
+        running_tokens = sum(r.num_computed_tokens for r in s.running)
+        # This step's demand: a decode slot per running request (a new block
+        # for those at a block boundary), then waiting prefills in order, up
+        # to the step's token budget.
+        budget = s.max_num_scheduled_tokens
+        batch_tokens = min(len(s.running), budget)
+        needed_tokens = block_size * sum(r.num_computed_tokens % block_size == 0 for r in s.running)
+        for queue in (s.kv_holding_waiting, s.waiting):
+            for request in queue:
+                if batch_tokens >= budget:
+                    break
+                tokens = min(request.num_tokens - request.num_computed_tokens, budget - batch_tokens)
+                batch_tokens += tokens
+                needed_tokens += tokens
+        free_tokens = s.kv_cache_manager.block_pool.get_num_free_blocks() * block_size
+        return BatchState(
+            running_context_tokens=running_tokens,
+            batch_tokens=batch_tokens,
+            free_device_tokens=free_tokens,
+            free_cpu_tokens=self.swap.num_free_cpu_tokens if self.swap else 0,
+            device_tokens_needed=max(0, needed_tokens - free_tokens),
+        )
+
+    def _apply(self, paused: "Interception", action: Action) -> None:
+        s, request = self.scheduler, paused.request
+        if action is Action.SWAP_OUT:
+            if self.swap is None or not self.swap.can_swap_out(paused.num_kv_tokens):
+                action = Action.DISCARD
+            else:
+                ids = blocks.block_ids(s.kv_cache_manager, request.request_id)
+                self.swap.swap_out(request.request_id, ids, paused.num_kv_tokens)
+                s.kv_cache_manager.free(request)
+                request.num_computed_tokens = 0
+                paused.location = Location.CPU
+                return
+        if action is Action.DISCARD:
+            if paused.location is Location.DEVICE:
+                s.kv_cache_manager.free(request)
+            elif paused.location is Location.CPU:
+                self.swap.release(request.request_id)
+            request.num_computed_tokens = 0
+            paused.location = Location.NONE
+        elif action is Action.SWAP_IN:
+            self._prefetch(paused)
+
+    def _prefetch(self, paused: "Interception") -> None:
+        """Bring a swapped request's KV back before its tool returns."""
+        s, request = self.scheduler, paused.request
+        num_tokens = self.swap.num_swapped_tokens(request.request_id)
+        allocated = s.kv_cache_manager.allocate_slots(
+            request, num_tokens, delay_cache_blocks=True, has_scheduled_reqs=bool(s.running)
+        )
+        if allocated is None:
+            return
+        self.swap.prefetch(request.request_id, blocks.block_ids(s.kv_cache_manager, request.request_id))
+        request.num_computed_tokens = num_tokens
+        paused.location = Location.DEVICE
+
+    def _record(self, paused: "Interception", decision, now: float) -> None:
+        last = paused.history[-1]["location"] if paused.history else None
+        if last == paused.location.value:
+            return
+        self.stats.decisions[decision.action.value] += 1
+        paused.history.append(
+            {
+                "at_s": round(now - paused.paused_at_s, 6),
+                "action": decision.action.value,
+                "location": paused.location.value,
+                "waste_preserve": decision.waste_preserve,
+                "waste_discard": decision.waste_discard,
+                "waste_swap": decision.waste_swap,
+                "reason": decision.reason,
+            }
+        )
+
+    # ---- pause and resume --------------------------------------------------
+
+    def paused(self, paused: "Interception") -> None:
+        self.stats.interceptions += 1
+
+    def observe_resume(self, paused: "Interception") -> None:
+        duration_s = time.monotonic() - paused.paused_at_s
+        self.estimator.observe(paused.spec.tool, duration_s)
+
+    def resumed(self, paused: "Interception", request, reusable_tokens: int) -> None:
+        self.stats.resumes += 1
+        reused = request.num_computed_tokens
+        if paused.location is Location.CPU:
+            reused = reusable_tokens
+        self.stats.tokens_reused += reused
+        self.stats.tokens_to_recompute += max(0, paused.num_kv_tokens - reused)
+
+    def has_pending_work(self) -> bool:
+        return self.swap is not None and self.swap.num_pending_free_blocks() > 0

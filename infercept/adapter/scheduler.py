@@ -1,0 +1,235 @@
+"""InferCept's scheduler for vLLM 0.32's V1 engine core.
+
+`InterceptScheduler` is what `--scheduler-cls` names. The interception logic
+is a mixin over vLLM's `Scheduler`, so it also composes with `AsyncScheduler`
+(vLLM's default on GPUs): `AsyncInterceptScheduler` keeps that overlap.
+
+Lifecycle of an intercepted request (one vLLM `Request` object throughout):
+  running --trigger--> paused (kept in `self.intercepts`, in no queue; the
+  worker is told it is gone) --policy--> preserved / swapped / discarded,
+  changing every iteration as the policy decides --resume--> its KV is handed
+  to the resuming request, which the worker sees as a new request with a
+  prefix already computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from bisect import bisect_right
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from infercept.adapter import blocks
+from infercept.adapter.interception import (
+    STOP_REASON,
+    Interception,
+    InterceptSpec,
+    trigger_completed,
+)
+from infercept.adapter.policy_driver import PolicyDriver
+from infercept.config import InterceptConfig
+from infercept.policy.types import Location
+
+logger = logging.getLogger(__name__)
+
+
+class InterceptSchedulerMixin:
+    """Interception state per request, layered over vLLM's scheduler."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.intercept_config = InterceptConfig.from_vllm_config(self.vllm_config)
+        self.intercepts: dict[str, Interception] = {}
+        self._pausing: set[str] = set()
+        self._specs: dict[str, InterceptSpec] = {}
+        self._tokenizer = None
+        planner = getattr(self.connector, "planner", None)
+        self.policy_driver = PolicyDriver(self, self.intercept_config, planner)
+
+    # ---- entry: vLLM calls add_request for every new request -------------
+
+    def add_request(self, request: Request) -> None:
+        """Override of `Scheduler.add_request` (engine core, per new request).
+
+        A request whose spec names a paused request resumes it: it takes over
+        the paused request's KV cache and first arrival time.
+        """
+        spec = InterceptSpec.of(request.sampling_params)
+        if spec.intercepts:
+            self._specs[request.request_id] = spec
+        paused = self.intercepts.pop(spec.resume, None) if spec.resume else None
+        if paused is None:
+            super().add_request(request)
+            return
+        self._resume(paused, request)
+
+    # ---- detecting the trigger ------------------------------------------
+
+    def _update_request_with_output(self, request: Request, new_token_ids, is_stale=False):
+        """Override of `Scheduler._update_request_with_output` (per sampled token batch).
+
+        After vLLM's own stop checks, a completed trigger stops the request
+        with InferCept's stop reason; `_handle_stopped_request` then pauses it.
+        """
+        new_token_ids, stopped = super()._update_request_with_output(
+            request, new_token_ids, is_stale
+        )
+        spec = self._specs.get(request.request_id)
+        if stopped or spec is None or not new_token_ids:
+            return new_token_ids, stopped
+        if not self._trigger_fired(request, spec):
+            return new_token_ids, False
+        request.status = RequestStatus.FINISHED_STOPPED
+        request.stop_reason = STOP_REASON
+        if self.policy_driver.pauses:
+            self._pausing.add(request.request_id)
+        return new_token_ids, True
+
+    def _trigger_fired(self, request: Request, spec: InterceptSpec) -> bool:
+        if spec.intercept_after is not None and request.num_output_tokens >= spec.intercept_after:
+            return True
+        return bool(spec.triggers) and trigger_completed(
+            request.output_token_ids, spec.triggers, self._decode
+        )
+
+    def _decode(self, token_ids) -> str:
+        if self._tokenizer is None:
+            from vllm.tokenizers import cached_tokenizer_from_config
+
+            self._tokenizer = cached_tokenizer_from_config(self.vllm_config.model_config)
+        return self._tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    # ---- pause -------------------------------------------------------------
+
+    def _handle_stopped_request(self, request: Request) -> bool:
+        """Override of `Scheduler._handle_stopped_request` (a request stopped).
+
+        Returns False (not finished) for a request that pauses on a trigger.
+        """
+        if request.request_id not in self._pausing:
+            self._specs.pop(request.request_id, None)
+            return super()._handle_stopped_request(request)
+        self._pausing.discard(request.request_id)
+        self._pause(request)
+        return False
+
+    def _pause(self, request: Request) -> None:
+        # Under async scheduling a token may be in flight: its output is
+        # dropped, and only KV that was materialized counts.
+        request.num_computed_tokens -= request.num_output_placeholders
+        request.spec_token_ids = []
+        request.drop_stale_output = True
+        request.num_stale_output_tokens = request.num_in_flight_tokens
+        request.num_output_placeholders = 0
+        request.status = RequestStatus.WAITING_FOR_STREAMING_REQ
+        self._inflight_prefills.discard(request)
+        # The worker forgets the request; a resume reaches it as a new one.
+        self.finished_req_ids.add(request.request_id)
+        spec = self._specs.pop(request.request_id)
+        self.intercepts[request.request_id] = Interception(
+            request=request,
+            spec=spec,
+            paused_at_s=time.monotonic(),
+            num_kv_tokens=request.num_computed_tokens,
+        )
+        self.policy_driver.paused(self.intercepts[request.request_id])
+
+    # ---- resume ------------------------------------------------------------
+
+    def _resume(self, paused: Interception, request: Request) -> None:
+        old = paused.request
+        reusable = blocks.common_prefix_len(
+            old.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
+        )
+        request.arrival_time = old.arrival_time
+        self.policy_driver.observe_resume(paused)
+        del self.requests[old.request_id]
+        self.requests[request.request_id] = request
+        if self.connector is not None:
+            self.connector.on_new_request(request)
+        if paused.location is Location.DEVICE and reusable == paused.num_kv_tokens:
+            blocks.transfer(self.kv_cache_manager, old.request_id, request.request_id)
+            request.num_computed_tokens = reusable
+        elif paused.location is Location.DEVICE:
+            # Diverged after the common prefix: its full blocks stay in the
+            # prefix cache, the rest is recomputed.
+            self.kv_cache_manager.free(old)
+        elif paused.location is Location.CPU:
+            self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
+        self._enqueue_by_arrival(request)
+        self.policy_driver.resumed(paused, request, reusable)
+
+    def _enqueue_by_arrival(self, request: Request) -> None:
+        """FCFS by first arrival: a resumed agent keeps its place in line."""
+        self._enqueue_waiting_request(request)
+        queue = self.kv_holding_waiting if self._holds_kv_blocks(request) else self.waiting
+        if isinstance(queue, FCFSRequestQueue):  # a priority queue orders by arrival itself
+            queue.remove(request)
+            arrivals = [r.arrival_time for r in queue]
+            queue.insert(bisect_right(arrivals, request.arrival_time), request)
+
+    # ---- every iteration ---------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        """Override of `Scheduler.schedule` (every engine step).
+
+        The policy first revisits every intercepted request (keep, swap out,
+        discard, swap back in), then vLLM schedules as usual.
+        """
+        if self.intercepts:
+            self.policy_driver.step()
+        return super().schedule(*args, **kwargs)
+
+    def has_requests(self) -> bool:
+        """Override: keep stepping while swap copies are queued for the workers."""
+        return super().has_requests() or self.policy_driver.has_pending_work()
+
+    # ---- abort -------------------------------------------------------------
+
+    def finish_requests(self, request_ids, finished_status):
+        """Override of `Scheduler.finish_requests` (abort from the front-end).
+
+        Paused requests are in no vLLM queue: they are released here, with
+        whatever device or CPU blocks they hold.
+        """
+        if request_ids is None:
+            request_ids = [*self.intercepts, *self.requests]
+        elif isinstance(request_ids, str):
+            request_ids = [request_ids]
+        request_ids = list(dict.fromkeys(request_ids))
+        released = []
+        for request_id in request_ids:
+            self._specs.pop(request_id, None)
+            paused = self.intercepts.pop(request_id, None)
+            if paused is not None:
+                paused.request.status = finished_status
+                self._free_request(paused.request)
+                released.append(paused.request)
+        others = [r for r in request_ids if r not in {p.request_id for p in released}]
+        return released + (super().finish_requests(others, finished_status) if others else [])
+
+
+class InterceptScheduler(InterceptSchedulerMixin, Scheduler):
+    """The class `--scheduler-cls` names.
+
+    vLLM uses a custom scheduler class as given, whatever its async-scheduling
+    setting; constructing this class yields the async variant when the engine
+    runs with async scheduling, so the overlap is not lost.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is InterceptScheduler and vllm_config.scheduler_config.async_scheduling:
+            cls = AsyncInterceptScheduler
+        return super().__new__(cls)
+
+
+class AsyncInterceptScheduler(InterceptScheduler, AsyncScheduler):
+    pass
+
+
+SCHEDULER_CLS = f"{__name__}.InterceptScheduler"

@@ -1,0 +1,119 @@
+"""Scheduler side of the swap connector: which blocks move where, each step.
+
+Pure Python (no torch): it owns the CPU block allocator and turns the
+scheduler's decisions (swap this paused request out, load that resuming one
+back) into the block copies of one step's `SwapMetadata`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infercept.adapter.connector import BlockCopies, SwapMetadata
+from infercept.swap.allocator import CpuBlockAllocator
+
+
+@dataclass
+class SwappedKV:
+    cpu_block_ids: list[int]
+    num_tokens: int
+
+
+def _num_blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class SwapPlanner:
+    def __init__(self, num_cpu_blocks: int, block_size: int, block_bytes: int):
+        self.allocator = CpuBlockAllocator(num_cpu_blocks)
+        self.block_size = block_size
+        self.block_bytes = block_bytes
+        self.bytes_swapped_out = 0
+        self.bytes_swapped_in = 0
+        self._swapped: dict[str, SwappedKV] = {}
+        self._local_hits: dict[str, int] = {}
+        self._step = SwapMetadata()
+        self._free_after_step: list[int] = []
+        self._free_now: list[int] = []
+
+    @property
+    def num_free_cpu_tokens(self) -> int:
+        return self.allocator.num_free_blocks * self.block_size
+
+    def holds(self, key: str) -> bool:
+        return key in self._swapped
+
+    def num_swapped_tokens(self, key: str) -> int:
+        swapped = self._swapped.get(key)
+        return swapped.num_tokens if swapped else 0
+
+    def can_swap_out(self, num_tokens: int) -> bool:
+        return self.allocator.can_allocate(_num_blocks(num_tokens, self.block_size))
+
+    def swap_out(self, key: str, device_block_ids: list[int], num_tokens: int) -> None:
+        """Copy the first `num_tokens` tokens' blocks to CPU in this step.
+
+        The caller frees the device blocks right after; the copy runs in the
+        workers before anything can overwrite them.
+        """
+        num_blocks = _num_blocks(num_tokens, self.block_size)
+        cpu_block_ids = self.allocator.allocate(num_blocks)
+        self._step.saves.append(BlockCopies(list(device_block_ids[:num_blocks]), cpu_block_ids))
+        self._swapped[key] = SwappedKV(cpu_block_ids, num_tokens)
+        self.bytes_swapped_out += num_blocks * self.block_bytes
+
+    def rekey(self, key: str, new_key: str, num_valid_tokens: int) -> None:
+        """A resuming request takes over a paused one's CPU copy.
+
+        Only its first `num_valid_tokens` tokens are loadable (the common
+        prefix of the old and new token sequences).
+        """
+        swapped = self._swapped.pop(key)
+        swapped.num_tokens = min(swapped.num_tokens, num_valid_tokens)
+        self._swapped[new_key] = swapped
+
+    def num_loadable_tokens(self, key: str, num_computed_tokens: int) -> int:
+        swapped = self._swapped.get(key)
+        if swapped is None:
+            return 0
+        self._local_hits[key] = num_computed_tokens
+        return max(0, swapped.num_tokens - num_computed_tokens)
+
+    def plan_load(self, key: str, device_block_ids: list[int], num_tokens: int) -> None:
+        """Load `num_tokens` tokens after the local hit into the request's blocks."""
+        swapped = self._swapped.pop(key)
+        start_tokens = self._local_hits.pop(key, 0)
+        first = start_tokens // self.block_size
+        last = _num_blocks(start_tokens + num_tokens, self.block_size)
+        self._step.loads.append(
+            BlockCopies(swapped.cpu_block_ids[first:last], list(device_block_ids[first:last]))
+        )
+        self.bytes_swapped_in += (last - first) * self.block_bytes
+        self._free_after_step.extend(swapped.cpu_block_ids)
+
+    def prefetch(self, key: str, device_block_ids: list[int]) -> int:
+        """Load a paused request's whole CPU copy into `device_block_ids` now."""
+        swapped = self._swapped[key]
+        self._local_hits[key] = 0
+        self.plan_load(key, device_block_ids, swapped.num_tokens)
+        return swapped.num_tokens
+
+    def release(self, key: str) -> None:
+        """Forget a request's CPU copy (finished, aborted or discarded)."""
+        self._local_hits.pop(key, None)
+        swapped = self._swapped.pop(key, None)
+        if swapped is not None:
+            # A save of these blocks may be queued in this very step: reuse
+            # them only from the next one.
+            self._free_after_step.extend(swapped.cpu_block_ids)
+
+    def take_step(self) -> SwapMetadata:
+        """This step's copies; CPU blocks read or written by the last step are freed."""
+        if self._free_now:
+            self.allocator.free(self._free_now)
+        self._free_now, self._free_after_step = self._free_after_step, []
+        step, self._step = self._step, SwapMetadata()
+        return step
+
+    def num_pending_free_blocks(self) -> int:
+        return len(self._free_now) + len(self._free_after_step)

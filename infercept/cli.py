@@ -1,0 +1,127 @@
+"""`infercept`: the command line.
+
+`infercept serve [MODEL] [any vllm serve argument]` is a drop-in for
+`vllm serve`: it builds vLLM's own serve parser (so every vLLM flag, its help
+and its errors are vLLM's), adds InferCept's group, then starts vLLM's
+OpenAI-compatible server with InferCept's scheduler in place. It does not go
+through the `vllm` console script, which the CPU build breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+CPU_DEFAULT_BLOCK_SIZE = 128
+CPU_DEFAULT_DTYPE = "float32"
+
+
+def add_infercept_args(parser: argparse.ArgumentParser) -> None:
+    """InferCept's own flags, grouped apart from vLLM's in `--help`."""
+    from infercept.config import InterceptConfig
+
+    group = parser.add_argument_group(
+        "InferCept", "Interception of tool calls (InferCept's own arguments)."
+    )
+    InterceptConfig.add_cli_args(group)
+
+
+def apply_serve_defaults(args: argparse.Namespace, argv: list[str]) -> None:
+    """Fill in what `infercept serve` decides when the user gave nothing.
+
+    The model defaults to the embedded SmolLM2-135M-Instruct. On CPUs the KV
+    cache gets an explicit size (vLLM would ask for 92% of RAM), the block size
+    a multiple of 32 and the dtype float32; a user's own value always wins.
+    """
+    from infercept.adapter.scheduler import SCHEDULER_CLS
+    from infercept.config import InterceptConfig
+
+    if args.model_tag is None and not _given(argv, "--model"):
+        from infercept.default_model import default_model_path
+
+        args.model_tag = str(default_model_path())
+    if args.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise SystemExit(
+            f"infercept serve runs its own scheduler ({SCHEDULER_CLS}); "
+            f"--scheduler-cls {args.scheduler_cls} cannot be combined with it."
+        )
+    args.scheduler_cls = SCHEDULER_CLS
+    InterceptConfig.from_cli_args(args).apply_to_engine_args(args)
+    if _on_cpu():
+        apply_cpu_defaults(args, argv)
+
+
+def apply_cpu_defaults(args: argparse.Namespace, argv: list[str]) -> None:
+    if (
+        args.kv_cache_memory_bytes is None
+        and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+        and not _given(argv, "--gpu-memory-utilization")
+    ):
+        args.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+    if args.block_size is None:
+        args.block_size = CPU_DEFAULT_BLOCK_SIZE
+    if not _given(argv, "--dtype"):
+        args.dtype = CPU_DEFAULT_DTYPE
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    alt = flag.replace("-", "_")
+    return any(
+        a == flag or a.startswith(flag + "=") or a == alt or a.startswith(alt + "=")
+        for a in argv
+    )
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def build_parser():
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class InterceptServe(ServeSubcommand):
+        def subparser_init(self, subparsers):
+            serve_parser = super().subparser_init(subparsers)
+            serve_parser.usage = "infercept serve [model_tag] [options]"
+            add_infercept_args(serve_parser)
+            return serve_parser
+
+    parser = FlexibleArgumentParser(
+        prog="infercept",
+        description="InferCept: serving for tool-using LLMs, on vLLM.",
+    )
+    parser.add_argument("-v", "--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="subparser", required=True)
+    serve = InterceptServe()
+    serve.subparser_init(subparsers).set_defaults(dispatch=serve.cmd, validate=serve.validate)
+    return parser
+
+
+def _version() -> str:
+    from infercept import VLLM_VERSION, __version__
+
+    return f"infercept {__version__} (vLLM {VLLM_VERSION})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subparser == "serve":
+        apply_serve_defaults(args, argv)
+    configure_logging_from_args(args)
+    args.validate(args)
+    args.dispatch(args)
+
+
+if __name__ == "__main__":
+    main()
