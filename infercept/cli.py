@@ -17,6 +17,15 @@ CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
 CPU_DEFAULT_BLOCK_SIZE = 128
 CPU_DEFAULT_DTYPE = "float32"
 
+SERVE_DESCRIPTION = """Launch a local OpenAI-compatible API server (vLLM's) with InferCept's
+scheduler, so requests that stop for a tool call keep their KV cache. Serves the
+embedded SmolLM2-135M-Instruct if no model is specified.
+
+Search by using: `--help=<ConfigGroup>` to explore options by section (e.g.,
+--help=ModelConfig, --help=InferCept)
+  Use `--help=all` to show all available flags at once.
+"""
+
 
 def add_infercept_args(parser: argparse.ArgumentParser) -> None:
     """InferCept's own flags, grouped apart from vLLM's in `--help`."""
@@ -88,6 +97,9 @@ def build_parser():
         def subparser_init(self, subparsers):
             serve_parser = super().subparser_init(subparsers)
             serve_parser.usage = "infercept serve [model_tag] [options]"
+            # vLLM's text names its own default model and the `vllm` command.
+            serve_parser.description = SERVE_DESCRIPTION
+            serve_parser.epilog = serve_parser.epilog.replace("vllm serve", "infercept serve")
             add_infercept_args(serve_parser)
             return serve_parser
 

@@ -142,11 +142,16 @@ class InterceptConnector(KVConnectorBase_V1):
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
     ) -> None:
-        """After its blocks are allocated: plan the load into them."""
+        """After its blocks are allocated: plan the load into them.
+
+        A CPU copy that the local prefix cache made unnecessary is dropped.
+        """
         if num_external_tokens > 0:
             self.planner.plan_load(
                 request.request_id, blocks.get_block_ids()[0], num_external_tokens
             )
+        else:
+            self.planner.release(request.request_id)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> SwapMetadata:
         """End of `schedule()`: hand this step's copies to the workers."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from infercept.adapter import blocks
@@ -44,6 +44,15 @@ class PolicyDriver:
         self.estimator = DurationEstimator()
         self.cost = initial_cost_model(scheduler.vllm_config, scheduler.kv_cache_config, swap)
         self.stats = InterceptStats()
+
+    def set_policy(self, name: str) -> None:
+        """Switch policy between workloads (no request may be paused)."""
+        if name == self.config.policy:
+            return
+        if self.scheduler.intercepts:
+            raise RuntimeError("cannot switch policy while requests are intercepted")
+        self.config = replace(self.config, policy=name)
+        self.policy = None if name == "vllm" else make_policy(name)
 
     @property
     def pauses(self) -> bool:

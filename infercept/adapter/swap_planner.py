@@ -56,6 +56,8 @@ class SwapPlanner:
         The caller frees the device blocks right after; the copy runs in the
         workers before anything can overwrite them.
         """
+        if key in self._swapped:
+            raise RuntimeError(f"{key} is already swapped out")
         num_blocks = _num_blocks(num_tokens, self.block_size)
         cpu_block_ids = self.allocator.allocate(num_blocks)
         self._step.saves.append(BlockCopies(list(device_block_ids[:num_blocks]), cpu_block_ids))
