@@ -48,9 +48,12 @@ def apply_serve_defaults(args: argparse.Namespace, argv: list[str]) -> None:
     from infercept.config import InterceptConfig
 
     if args.model_tag is None and not _given(argv, "--model"):
-        from infercept.default_model import default_model_path
+        from infercept.default_model import DefaultModelUnavailable, default_model_path
 
-        args.model_tag = str(default_model_path())
+        try:
+            args.model_tag = str(default_model_path())
+        except DefaultModelUnavailable as exc:  # a setup problem: its message, not a traceback
+            raise SystemExit(f"infercept serve: error: {exc} (or name a model: infercept serve MODEL)") from None
     if args.scheduler_cls not in (None, SCHEDULER_CLS):
         raise SystemExit(
             f"infercept serve runs its own scheduler ({SCHEDULER_CLS}); "
@@ -111,7 +114,18 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="subparser", required=True)
     serve = InterceptServe()
     serve.subparser_init(subparsers).set_defaults(dispatch=serve.cmd, validate=serve.validate)
+    _add_sim_subparser(subparsers)
     return parser
+
+
+def _add_sim_subparser(subparsers) -> None:
+    """`infercept sim`: the simulator (pure Python; `main` runs it without vLLM)."""
+    from infercept.sim import cli as sim_cli
+
+    sim = subparsers.add_parser("sim", help="simulate InferCept's policies at paper scale",
+                                description=sim_cli.__doc__)
+    sim_cli.add_arguments(sim)
+    sim.set_defaults(dispatch=sim_cli.run, validate=lambda args: None)
 
 
 def _version() -> str:
@@ -122,6 +136,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sim":  # before anything imports vLLM
+        from infercept.sim import cli as sim_cli
+
+        raise SystemExit(sim_cli.main(argv[1:]))
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 

@@ -188,6 +188,20 @@ class InterceptSchedulerMixin:
         """Override: keep stepping while swap copies are queued for the workers."""
         return super().has_requests() or self.policy_driver.has_pending_work()
 
+    def has_finished_requests(self) -> bool:
+        """Override of `Scheduler.has_finished_requests`.
+
+        With a connector, vLLM counts requests held outside its queues as
+        finished ones awaiting cleanup; paused requests are held there too,
+        and must not keep an idle engine stepping.
+        """
+        if self.finished_req_ids:
+            return True
+        if self.connector is None:
+            return False
+        num_running, num_waiting = self.get_request_counts()
+        return len(self.requests) - len(self.intercepts) > num_running + num_waiting
+
     # ---- abort -------------------------------------------------------------
 
     def finish_requests(self, request_ids, finished_status):

@@ -1,0 +1,53 @@
+"""A discrete-event simulator of InferCept's engine that runs the real policy at the paper's
+scale: iteration-level vLLM V1 scheduling with chunked prefill, paged KV memory with
+prefix caching, the policy driver, hardware profiles, replicas behind a router.
+
+Pure Python: no vLLM, no torch. It reads traces and writes metrics with the benchmark's own
+``benchmarks.workload`` and ``benchmarks.metrics``; those live beside the package in the
+repository, so when they are not importable (an editable install maps only ``infercept``)
+the repository root is put on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+from pathlib import Path
+
+
+def _ensure_benchmarks_importable() -> None:
+    try:
+        import_module("benchmarks.metrics")
+    except ImportError:
+        root = Path(__file__).resolve().parents[2]
+        if (root / "benchmarks" / "metrics.py").is_file():
+            sys.path.insert(0, str(root))
+
+
+_ensure_benchmarks_importable()
+
+_LAZY = {
+    "Engine": "infercept.sim.engine",
+    "Cluster": "infercept.sim.cluster",
+    "HardwareProfile": "infercept.sim.profiles",
+    "PROFILES": "infercept.sim.profiles",
+    "load_profile": "infercept.sim.profiles",
+    "profile_from_dict": "infercept.sim.profiles",
+    "make_router": "infercept.sim.router",
+    "POLICIES": "infercept.sim.runner",
+    "SimConfig": "infercept.sim.runner",
+    "SimResult": "infercept.sim.runner",
+    "simulate": "infercept.sim.runner",
+    "run_sweep": "infercept.sim.runner",
+    "find_sustainable_rate": "infercept.sim.runner",
+    "trace_maker": "infercept.sim.runner",
+    "validate": "infercept.sim.validate",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'infercept.sim' has no attribute {name!r}")

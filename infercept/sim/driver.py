@@ -9,13 +9,20 @@ check both give the same run):
 
 - A request whose KV was discarded (NONE) only ever gets KEEP_DISCARDED and changes no
   other decision (no policy budgets for it): never passed.
-- Swapped requests (CPU) only matter to min-waste (prefetch, or discard to make CPU room);
-  the other policies leave them as they are.
+- Swapped requests (CPU) only matter to min-waste, which prefetches one that resumes
+  soon (remaining_s <= swap_s(C) + forward_s(batch_tokens)) and discards some to make CPU
+  room for a swap-out. A swapped request is passed when CPU room could run short (the
+  preserved contexts exceed the free CPU tokens), or once its next check comes: the
+  estimate of the remaining time falls at most as fast as time passes (between recorded
+  durations it is ``mean - elapsed``; past one it jumps up), so from R > X it cannot reach
+  X = swap_s(C) + forward_s(max_num_batched_tokens) before R - X seconds have passed,
+  unless the estimator learns a new duration of that tool (which checks it again).
 - "discard" and "swap" decide once, at the first plan after a pause.
 - "preserve" changes nothing unless the batch needs device memory
   (``device_tokens_needed > 0``).
 - "ttl" changes nothing unless under pressure or a preserved request's time-to-live ran
   out (checked against the earliest expiry, recomputed when the estimator learns).
+- Only "min-waste" and "ttl" read the duration estimator, so only they teach it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from infercept.sim.state import SimRequest
 
 _DECIDE_ONCE = frozenset({"discard", "swap"})
+_SLACK_S = 1e-9  # rounding margin on a swapped request's next check
 
 
 class PolicyDriver:
@@ -43,6 +51,7 @@ class PolicyDriver:
         self._uses_cpu = self.policy.name == "min-waste"
         self._uses_ttl = self.policy.name == "ttl"
         self._next_expiry_s: float | None = None  # ttl: earliest expiry; None: recompute
+        self._observed_tools: set[str] = set()  # tools with a history of their own
 
     # ---- every iteration ---------------------------------------------------
 
@@ -66,12 +75,14 @@ class PolicyDriver:
                 self.decisions[decision.action.value] += 1
         if self._uses_ttl:
             self._next_expiry_s = None
+        if self._uses_cpu:
+            self._schedule_checks(engine, candidates, now)
 
     def _candidates(self, engine: "Engine", now: float) -> list["SimRequest"]:
         device = engine.intercepted_on(Location.DEVICE)
         name = self.policy.name
         if self._uses_cpu:
-            return [*device, *engine.intercepted_on(Location.CPU)]
+            return [*device, *self._swapped_to_check(engine, device, now)]
         if not device:
             return []
         if name in _DECIDE_ONCE:
@@ -79,6 +90,26 @@ class PolicyDriver:
         if self._uses_ttl and now >= self._earliest_expiry_s(device):
             return list(device)
         return list(device) if engine.device_tokens_needed() > 0 else []
+
+    @staticmethod
+    def _swapped_to_check(engine: "Engine", device, now: float) -> list["SimRequest"]:
+        swapped = engine.intercepted_on(Location.CPU)
+        if not swapped:
+            return []
+        if device and sum(r.kv_tokens for r in device) > engine.cpu.num_free_blocks * \
+                engine.block_size:
+            return list(swapped)
+        return [r for r in swapped if now >= r.next_check_s]
+
+    def _schedule_checks(self, engine: "Engine", requests, now: float) -> None:
+        """When each swapped request could next resume soon (see the module docstring)."""
+        for request in requests:
+            if request.location is not Location.CPU:
+                continue
+            remaining_s = self.estimator.remaining_s(request.session.tool,
+                                                     now - request.paused_at_s)
+            soon_s = engine.cost.swap_s(request.kv_tokens) + engine.max_forward_s
+            request.next_check_s = now + max(0.0, remaining_s - soon_s - _SLACK_S)
 
     def _earliest_expiry_s(self, device) -> float:
         if self._next_expiry_s is None:
@@ -117,7 +148,18 @@ class PolicyDriver:
         if self._uses_ttl:
             self._next_expiry_s = None
 
-    def observe_resume(self, request: "SimRequest", now: float) -> None:
-        self.estimator.observe(request.session.tool, now - request.paused_at_s)
+    def observe_resume(self, engine: "Engine", request: "SimRequest", now: float) -> None:
+        """Teach the estimator the finished call's duration; skipped for the policies that
+        never read an estimate (their plans do not depend on it), as it is costly."""
+        if not (self._uses_cpu or self._uses_ttl):
+            return
+        tool = request.session.tool
+        self.estimator.observe(tool, now - request.paused_at_s)
         if self._uses_ttl:
             self._next_expiry_s = None
+        if self._uses_cpu:  # estimates of this tool (and of tools without history) moved
+            self._observed_tools.add(tool)
+            for other in engine.intercepted_on(Location.CPU):
+                other_tool = other.session.tool
+                if other_tool == tool or other_tool not in self._observed_tools:
+                    other.next_check_s = now

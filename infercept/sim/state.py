@@ -66,7 +66,7 @@ class SimRequest:
 
     __slots__ = ("session", "key", "arrival_s", "num_tokens", "num_computed", "num_blocks",
                  "generated", "target", "dec_base", "end_iter", "seq", "decoding",
-                 "location", "paused_at_s", "kv_tokens", "cpu_blocks")
+                 "location", "paused_at_s", "kv_tokens", "cpu_blocks", "next_check_s")
 
     def __init__(self, session: Session, arrival_s: float) -> None:
         self.session = session
@@ -86,6 +86,7 @@ class SimRequest:
         self.paused_at_s = 0.0
         self.kv_tokens = 0  # tokens whose KV was computed at the pause
         self.cpu_blocks = 0
+        self.next_check_s = 0.0  # min-waste: when a swapped request is next planned for
 
     def __repr__(self) -> str:
         return (f"SimRequest({self.key}, tokens={self.num_tokens}, "

@@ -30,6 +30,7 @@ INFERCEPT_BIN = Path(sys.executable).with_name("infercept")
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 120.0
 LOG_TAIL_LINES = 60
 
 TINY_KV_CACHE = "64M"  # vLLM's human_readable_int: M = MiB, K = KiB; no "MiB" spelling
@@ -83,6 +84,8 @@ class ServerProcess:
 
     def start(self, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> "ServerProcess":
         """Start the process and return once GET /health answers 200."""
+        if not INFERCEPT_BIN.exists():
+            pytest.fail(f"{INFERCEPT_BIN} not found: pip install -e . into this environment")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command,
@@ -143,7 +146,7 @@ class ServerProcess:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return "(no log)"
-        return "\n".join(line for line in lines[-num_lines:])
+        return "\n".join(lines[-num_lines:])
 
     def describe(self) -> str:
         return f"command: {' '.join(self.command)}\nlog {self.log_path}, last lines:\n{self.log_tail()}"
@@ -151,7 +154,9 @@ class ServerProcess:
     def client(self):
         import openai
 
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="EMPTY", timeout=120.0, max_retries=0)
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key="EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=0
+        )
 
 
 class ServerPool:
@@ -163,8 +168,15 @@ class ServerPool:
         self.key: tuple | None = None
         self.num_started = 0
 
-    def get(self, model: str | Path | None, extra_args: Sequence[str], *, multiprocessing: bool = False,
-            startup_timeout_s: float = STARTUP_TIMEOUT_S) -> ServerProcess:
+    def get(
+        self,
+        model: str | Path | None,
+        extra_args: Sequence[str],
+        *,
+        multiprocessing: bool = False,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ) -> ServerProcess:
+        """The live server for these arguments, started (and the previous one stopped) if need be."""
         args = ([] if model is None else [str(model)]) + [str(arg) for arg in extra_args]
         key = (tuple(args), multiprocessing)
         if self.key == key and self.server.is_running():
@@ -198,7 +210,7 @@ def server_pool(tmp_path_factory):
 
 @pytest.fixture
 def start_server(server_pool):
-    """`start_server(model, *extra_args, multiprocessing=False, startup_timeout_s=180)` -> healthy ServerProcess.
+    """`start_server(model, *extra_args, multiprocessing=False, startup_timeout_s=...)` -> ServerProcess.
 
     `model` None serves the embedded default model. The server outlives the
     test and is reused by the next test that asks for the same arguments.

@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import pytest
 
-from .conftest import INFERCEPT_BIN, server_env
+from .conftest import INFERCEPT_BIN, ServerProcess, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -56,30 +56,25 @@ def test_completion_greedy_counts_tokens(client, base_url, tiny_model):
     assert second.choices[0].token_ids == choice.token_ids
 
 
-def test_completion_stops_at_max_tokens(client, tiny_model):
-    completion = client.completions.create(
-        model=model_id(tiny_model), prompt=COMPLETION_PROMPT, max_tokens=3, temperature=0,
-        extra_body={"ignore_eos": True},
-    )
-    assert completion.usage.completion_tokens == 3
-
-
 def test_chat_streaming_matches_non_streaming(client, tiny_model):
     request = dict(
         model=model_id(tiny_model), messages=CHAT_MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
         extra_body={"ignore_eos": True},
     )
     whole = client.chat.completions.create(**request)
-    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    stream_options = {"include_usage": True}
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options=stream_options))
 
     message = whole.choices[0].message
     assert message.role == "assistant" and message.content
     assert whole.usage.completion_tokens == MAX_TOKENS
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == message.content
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
-    finish_reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finish_reasons == [whole.choices[0].finish_reason]
+    choices = [c.choices[0] for c in chunks if c.choices]
+    assert len([choice for choice in choices if choice.delta.content]) > 1  # really streamed
+    assert [choice.finish_reason for choice in choices if choice.finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
@@ -102,8 +97,8 @@ def test_metrics_are_vllms_prometheus_metrics(client, base_url, tiny_model):
     assert response.status_code == 200
     assert "# TYPE vllm:num_requests_running gauge" in response.text
     # The user's --block-size wins over the CPU default of 128.
-    cache_info = [line for line in response.text.splitlines() if line.startswith("vllm:cache_config_info")]
-    assert cache_info and 'block_size="32"' in cache_info[0]
+    [cache_info] = [line for line in response.text.splitlines() if line.startswith("vllm:cache_config_info")]
+    assert 'block_size="32"' in cache_info
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -137,11 +132,21 @@ def test_help_shows_vllm_and_infercept_arguments():
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert text.startswith("usage: infercept serve")
-    for vllm_flag in ("--max-model-len", "--kv-cache-memory-bytes", "--tool-call-parser", "--block-size"):
+    for vllm_flag in ("--max-model-len", "--kv-cache-memory-bytes", "--tool-call-parser"):
         assert vllm_flag in text
     assert "\nInferCept:\n" in text
     infercept_group = text.split("\nInferCept:\n", 1)[1]
-    for flag in ("--intercept-policy", "--swap-space-bytes", "--intercept-timeout", "--cost-profile", "--no-profile"):
+    for flag in ("--intercept-policy", "--swap-space-bytes", "--intercept-timeout", "--cost-profile"):
         assert flag in infercept_group
-    assert "Serves the\nembedded SmolLM2-135M-Instruct if no model is specified" in text
+    assert "--no-profile" in infercept_group
+    assert "embedded SmolLM2-135M-Instruct if no model is specified" in text
     assert "Defaults to Qwen" not in text  # vLLM's own default model is not ours
+
+
+def test_server_that_exits_fails_fast_with_its_log(tmp_path):
+    server = ServerProcess([str(tmp_path / "no-such-model")], tmp_path / "server.log")
+    with pytest.raises(pytest.fail.Exception) as excinfo:
+        server.start(startup_timeout_s=CLI_TIMEOUT_S)
+    assert "exited with 1 before it was healthy" in str(excinfo.value)
+    assert "no-such-model" in str(excinfo.value)  # the log tail names the missing model
+    assert not server.is_running()

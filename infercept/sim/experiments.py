@@ -1,0 +1,175 @@
+"""The experiments behind docs/simulator.md, reproducible and resumable.
+
+    python -m infercept.sim.experiments paper --out results/sim-paper
+    python -m infercept.sim.experiments scaling --out results/sim-scaling
+
+``paper``: for each profile and workload, each policy's sustainable rate (bisection to
+``--tolerance``) at the profile's SLO, and min-waste's ratios to the baselines.
+``scaling``: the same for N replicas behind each router (rates are per cluster).
+Every finished search is appended to ``results.jsonl`` in the output folder and skipped
+when the command runs again; ``table.md`` is rewritten from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from benchmarks.workload import AUGMENTATIONS, MIX
+from infercept.sim.profiles import PROFILES, load_profile
+from infercept.sim.runner import SimConfig, find_sustainable_rate, passes, trace_maker
+
+BASELINES = ("vllm", "preserve", "swap")
+# Start each search near the answer: per profile, a rate (req/s, one replica) around
+# where the mixed workload saturates.
+START_RATE = {"gptj-6b-a100": 3.0, "vicuna-13b-2xa100": 2.0, "llama3-70b-4xa100": 1.0,
+              "llama3-8b-h100": 8.0}
+
+
+def search(profile_name: str, workload: str, policy: str, *, duration_s: float, seed: int,
+           replicas: int = 1, router: str = "affinity", prefix_caching: bool = True,
+           tolerance: float = 0.05, start_rate: float | None = None) -> dict[str, Any]:
+    profile = load_profile(profile_name)
+    config = SimConfig(replicas=replicas, router=router, prefix_caching=prefix_caching,
+                       abort_over_slo=True)
+    start = start_rate or START_RATE.get(profile_name, 1.0) * replicas
+    started = time.perf_counter()
+    rate, runs = find_sustainable_rate(profile, policy, trace_maker(workload, duration_s, seed),
+                                       config, start_rate=start, rel_tol=tolerance)
+    best = runs.get(rate) if rate is not None else None
+    return {
+        "profile": profile_name, "workload": workload, "policy": policy,
+        "replicas": replicas, "router": router, "prefix_caching": prefix_caching,
+        "duration_s": duration_s, "seed": seed, "tolerance": tolerance,
+        "slo_p90_s_per_token": profile.slo_p90_s_per_token,
+        "sustainable_rate": rate,
+        "completed_requests_per_s": best.metrics.completed_requests_per_s if best else None,
+        "p90_s_per_token": best.metrics.normalized_latency_p90_s_per_token if best else None,
+        "recompute_share": best.metrics.recompute_share_of_forward_time if best else None,
+        "memory_waste": best.metrics.memory_waste_fraction if best else None,
+        "runs": {f"{r:.4g}": {"passes": passes(x, profile.slo_p90_s_per_token),
+                              "wall_s": round(x.stats["wall_s"], 2),
+                              "iterations": x.stats["iterations"]}
+                 for r, x in sorted(runs.items())},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+_KEY_FIELDS = ("workload", "policy", "replicas", "router", "prefix_caching", "duration_s",
+               "seed")
+
+
+def _key(profile: str, fields: dict[str, Any]) -> tuple:
+    return (profile, *(fields[name] for name in _KEY_FIELDS))
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_all(jobs: Iterable[dict[str, Any]], out: Path, *, tolerance: float) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    entries = _load(results_path)
+    done = {_key(e["profile"], e) for e in entries}
+    found: dict[tuple, float] = {}  # the last rate found for a setup: where the next starts
+    for job in jobs:
+        if _key(job["profile_name"], job) in done:
+            continue
+        setup = (job["profile_name"], job["workload"], job["replicas"], job["router"])
+        entry = search(**job, tolerance=tolerance, start_rate=found.get(setup))
+        if entry["sustainable_rate"] is not None:
+            found[setup] = entry["sustainable_rate"]
+        entries.append(entry)
+        with results_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(f"{entry['profile']} {entry['workload']} {entry['policy']} x{entry['replicas']} "
+              f"{entry['router']}: {entry['sustainable_rate']} ({entry['wall_s']} s)", flush=True)
+    return entries
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or not denominator:
+        return "-"
+    return f"{numerator / denominator:.2f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def paper_table(entries: list[dict]) -> str:
+    rows: dict[tuple, dict[str, dict]] = {}
+    for e in entries:
+        if e["replicas"] == 1:
+            rows.setdefault((e["profile"], e["workload"], e["prefix_caching"]), {})[e["policy"]] = e
+    policies = ("vllm", "discard", "preserve", "swap", "min-waste")
+    lines = ["| profile | workload | APC | " + " | ".join(policies)
+             + " | min-waste / vllm | / preserve | / swap |",
+             "|---|---|---|" + "---|" * (len(policies) + 3)]
+    for (profile, workload, apc), by_policy in rows.items():
+        rate = {p: by_policy[p]["sustainable_rate"] if p in by_policy else None for p in policies}
+        cells = [profile, workload, "on" if apc else "off"] + [_rate(rate[p]) for p in policies]
+        cells += [_ratio(rate["min-waste"], rate[b]) for b in BASELINES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_table(entries: list[dict]) -> str:
+    rows: dict[tuple, dict[str, dict]] = {}
+    for e in entries:
+        rows.setdefault((e["profile"], e["workload"], e["router"], e["replicas"]),
+                        {})[e["policy"]] = e
+    lines = ["| profile | workload | router | replicas | vllm (req/s) | min-waste (req/s) "
+             "| min-waste per replica | min-waste / vllm |", "|---|---|---|---|---|---|---|---|"]
+    for (profile, workload, router, replicas), by_policy in sorted(rows.items()):
+        vllm = by_policy.get("vllm", {}).get("sustainable_rate")
+        ours = by_policy.get("min-waste", {}).get("sustainable_rate")
+        per_replica = None if ours is None else ours / replicas
+        lines.append(f"| {profile} | {workload} | {router} | {replicas} | {_rate(vllm)} | "
+                     f"{_rate(ours)} | {_rate(per_replica)} | {_ratio(ours, vllm)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m infercept.sim.experiments")
+    parser.add_argument("experiment", choices=("paper", "scaling"))
+    parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--workloads", default=",".join((MIX, *AUGMENTATIONS)))
+    parser.add_argument("--policies", default="vllm,discard,preserve,swap,min-waste")
+    parser.add_argument("--replicas", default="1,2,4,8,16")
+    parser.add_argument("--routers", default="affinity,round-robin,least-loaded")
+    parser.add_argument("--duration-s", type=float, default=1800.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    split = lambda text: [t for t in text.split(",") if t]  # noqa: E731
+    common = {"duration_s": args.duration_s, "seed": args.seed,
+              "prefix_caching": not args.no_prefix_caching}
+    if args.experiment == "paper":
+        jobs = [{"profile_name": p, "workload": w, "policy": policy, **common}
+                for p in split(args.profiles) for w in split(args.workloads)
+                for policy in split(args.policies)]
+    else:
+        jobs = [{"profile_name": p, "workload": w, "policy": policy, "replicas": int(n),
+                 "router": router, **common}
+                for p in split(args.profiles) for w in split(args.workloads)
+                for n in split(args.replicas) for router in split(args.routers)
+                for policy in split(args.policies)
+                if not (int(n) == 1 and router != "affinity")]
+    entries = run_all(({**j, "replicas": j.get("replicas", 1), "router": j.get("router",
+                        "affinity")} for j in jobs), args.out, tolerance=args.tolerance)
+    table = paper_table(entries) if args.experiment == "paper" else scaling_table(entries)
+    (args.out / "table.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

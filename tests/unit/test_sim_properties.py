@@ -1,0 +1,77 @@
+"""Whole simulated runs on small mixed traces: what must hold for every policy."""
+
+import dataclasses
+
+import pytest
+
+from benchmarks.workload import generate_trace
+from infercept.policy import CostModel
+from infercept.sim.profiles import HardwareProfile
+from infercept.sim.runner import POLICIES, SimConfig, simulate
+
+# Tight on purpose: 2048 tokens of KV for contexts of up to 1000, 1024 on CPU.
+SMALL = HardwareProfile(
+    "small", CostModel(fwd_base_s=0.010, fwd_per_token_s=1e-4, saturation_tokens=64,
+                       swap_s_per_token=5e-5, kv_bytes_per_token=1000, block_size_tokens=16,
+                       device_capacity_tokens=2048, cpu_capacity_tokens=1024),
+    max_num_seqs=16, max_num_batched_tokens=256, slo_p90_s_per_token=0.05)
+
+
+def small_trace(seed: int, num_requests: int = 40, rate: float = 4.0):
+    return generate_trace("mix", num_requests, rate, seed, time_scale=0.05, length_scale=0.25,
+                          max_context_tokens=1000)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_request_completes_and_every_block_comes_back(policy, seed):
+    result = simulate(small_trace(seed), SMALL, policy, SimConfig(check_invariants=True))
+    assert all(record.completed for record in result.records)
+    assert result.stats["device_blocks_in_use_at_end"] == 0
+    assert result.stats["cpu_blocks_in_use_at_end"] == 0
+    assert result.stats["intercepted_at_end"] == 0
+    assert result.counters.idle_kv_events[-1][1] == 0 if result.counters.idle_kv_events else True
+
+
+def test_the_trace_puts_the_cache_under_pressure():
+    """So that the run above exercises preemption, eviction and swapping."""
+    preserve = simulate(small_trace(0), SMALL, "preserve")
+    assert preserve.stats["decisions"].get("swap_out", 0) + \
+        preserve.stats["decisions"].get("discard", 0) > 0
+    assert simulate(small_trace(0), SMALL, "vllm").stats["preemptions"] > 0
+    min_waste = simulate(small_trace(0), SMALL, "min-waste").stats["decisions"]
+    assert min_waste.get("swap_out", 0) > 0 and min_waste.get("swap_in", 0) > 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_runs_are_deterministic(policy):
+    first = simulate(small_trace(3), SMALL, policy)
+    second = simulate(small_trace(3), SMALL, policy)
+    assert first.records == second.records
+    assert first.counters == second.counters
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "vllm"])
+@pytest.mark.parametrize("cpu_tokens", [1024, 256])
+def test_skipped_plans_change_nothing(policy, cpu_tokens):
+    """The driver skips planner calls whose answer it knows; planning every iteration
+    for every intercepted request must give the very same run. On this trace min-waste
+    swaps out, prefetches, evicts under pressure and discards swapped requests to make
+    CPU room, with both CPU sizes."""
+    profile = SMALL.with_cost(cpu_capacity_tokens=cpu_tokens)
+    trace = small_trace(5, num_requests=30)
+    fast = simulate(trace, profile, policy)
+    every = simulate(trace, profile, policy, SimConfig(plan_every_iteration=True))
+    assert fast.records == every.records
+    assert fast.counters == every.counters
+    assert fast.stats["decisions"] == every.stats["decisions"]
+
+
+def test_memory_is_never_over_committed_even_with_a_huge_batch():
+    """The invariant checks run every iteration (blocks held == blocks allocated, within
+    capacity); a big token budget admits many requests at once."""
+    roomy = dataclasses.replace(SMALL, max_num_seqs=64, max_num_batched_tokens=4096)
+    for policy in ("vllm", "preserve", "min-waste"):
+        result = simulate(small_trace(2, rate=20.0), roomy, policy,
+                          SimConfig(check_invariants=True))
+        assert all(record.completed for record in result.records)
