@@ -32,7 +32,9 @@ class InterceptStats:
     decisions: Counter = field(default_factory=Counter)  # action name -> count
     tokens_reused: int = 0
     tokens_to_recompute: int = 0
-    resume_wait_s: float = 0.0
+    forwarded_tokens: int = 0
+    recomputed_tokens: int = 0
+    preemptions: int = 0
 
 
 class PolicyDriver:
@@ -181,6 +183,11 @@ class PolicyDriver:
             reused = reusable_tokens
         self.stats.tokens_reused += reused
         self.stats.tokens_to_recompute += max(0, paused.num_kv_tokens - reused)
+
+    def idle_device_tokens(self) -> int:
+        """KV tokens held on the device by paused requests (memory left idle)."""
+        return sum(p.num_kv_tokens for p in self.scheduler.intercepts.values()
+                   if p.location is Location.DEVICE)
 
     def has_pending_work(self) -> bool:
         return self.swap is not None and self.swap.num_pending_free_blocks() > 0

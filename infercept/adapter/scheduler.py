@@ -47,6 +47,12 @@ class InterceptSchedulerMixin:
         self._pausing: set[str] = set()
         self._specs: dict[str, InterceptSpec] = {}
         self._tokenizer = None
+        # Request id -> tokens whose KV was computed before (a resume or a
+        # preemption): scheduled tokens below it are recomputation.
+        self._recompute_marks: dict[str, int] = {}
+        # Under the stock `vllm` policy: KV a finished segment had computed,
+        # by request id, for the resume that names it (bounded).
+        self._finished_kv: dict[str, int] = {}
         planner = getattr(self.connector, "planner", None)
         self.policy_driver = PolicyDriver(self, self.intercept_config, planner)
 
@@ -63,6 +69,9 @@ class InterceptSchedulerMixin:
             self._specs[request.request_id] = spec
         paused = self.intercepts.pop(spec.resume, None) if spec.resume else None
         if paused is None:
+            prior_kv_tokens = self._finished_kv.pop(spec.resume, 0) if spec.resume else 0
+            if prior_kv_tokens:
+                self._recompute_marks[request.request_id] = prior_kv_tokens
             super().add_request(request)
             return
         self._resume(paused, request)
@@ -112,10 +121,19 @@ class InterceptSchedulerMixin:
         """
         if request.request_id not in self._pausing:
             self._specs.pop(request.request_id, None)
+            self._recompute_marks.pop(request.request_id, None)
+            if request.stop_reason == STOP_REASON:  # stock policy: the call ends the request
+                self._remember_finished_kv(request)
             return super()._handle_stopped_request(request)
         self._pausing.discard(request.request_id)
+        self._recompute_marks.pop(request.request_id, None)
         self._pause(request)
         return False
+
+    def _remember_finished_kv(self, request: Request) -> None:
+        self._finished_kv[request.request_id] = request.num_computed_tokens
+        while len(self._finished_kv) > 4096:
+            self._finished_kv.pop(next(iter(self._finished_kv)))
 
     def _pause(self, request: Request) -> None:
         # Under async scheduling a token may be in flight: its output is
@@ -160,6 +178,7 @@ class InterceptSchedulerMixin:
             self.kv_cache_manager.free(old)
         elif paused.location is Location.CPU:
             self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
+        self._recompute_marks[request.request_id] = paused.num_kv_tokens
         self._enqueue_by_arrival(request)
         self.policy_driver.resumed(paused, request, reusable)
 
@@ -183,6 +202,30 @@ class InterceptSchedulerMixin:
         if self.intercepts:
             self.policy_driver.step()
         return super().schedule(*args, **kwargs)
+
+    def _update_after_schedule(self, scheduler_output) -> None:
+        """Override of `Scheduler._update_after_schedule` (end of every `schedule()`).
+
+        Counts forwarded tokens, and those that recompute KV computed before.
+        """
+        stats = self.policy_driver.stats
+        stats.forwarded_tokens += scheduler_output.total_num_scheduled_tokens
+        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            mark = self._recompute_marks.get(request_id)
+            if mark is None:
+                continue
+            start = self.requests[request_id].num_computed_tokens
+            stats.recomputed_tokens += max(0, min(mark, start + num_tokens) - start)
+            if start + num_tokens >= mark:
+                del self._recompute_marks[request_id]
+        super()._update_after_schedule(scheduler_output)
+
+    def _preempt_request(self, request: Request, timestamp: float, *args, **kwargs) -> None:
+        """Override of `Scheduler._preempt_request` (vLLM frees a running request to make room)."""
+        mark = max(request.num_computed_tokens, self._recompute_marks.get(request.request_id, 0))
+        self._recompute_marks[request.request_id] = mark
+        self.policy_driver.stats.preemptions += 1
+        super()._preempt_request(request, timestamp, *args, **kwargs)
 
     def has_requests(self) -> bool:
         """Override: keep stepping while swap copies are queued for the workers."""
@@ -218,6 +261,7 @@ class InterceptSchedulerMixin:
         released = []
         for request_id in request_ids:
             self._specs.pop(request_id, None)
+            self._recompute_marks.pop(request_id, None)
             paused = self.intercepts.pop(request_id, None)
             if paused is not None:
                 paused.request.status = finished_status

@@ -39,7 +39,13 @@ def test_single_request_several_interceptions(intercept_llm, stock, policy):
     sessions = run_scripts(llm, [script])
     assert [len(seg) for seg in sessions[0].segments] == [5, 9, 3, 12, 19]
     assert check_equivalent(stock, sessions) == 48
-    assert stats_of(llm).interceptions - before.interceptions == (0 if policy == "vllm" else 4)
+    after = stats_of(llm)
+    assert after.interceptions - before.interceptions == (0 if policy == "vllm" else 4)
+    recomputed = after.recomputed_tokens - before.recomputed_tokens
+    if policy in ("preserve", "swap"):
+        assert recomputed == 0  # every resume continued from its kept KV
+    if policy in ("vllm", "discard"):
+        assert recomputed > 0  # partial blocks at least are recomputed
 
 
 @pytest.mark.parametrize("policy", POLICIES)
