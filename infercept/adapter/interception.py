@@ -106,9 +106,35 @@ class Interception:
     location: Location = Location.DEVICE
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    predicted_duration_s: float | None = None
+
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    def describe(self, now_s: float) -> dict[str, Any]:
+        """The paused request's state, as the front-end reports it."""
+        return {
+            "state": self.location.value,
+            "context_tokens": self.context_tokens,
+            "kv_tokens": self.num_kv_tokens,
+            "tool": self.spec.tool,
+            "age_s": now_s - self.paused_at_s,
+            "history": list(self.history),
+        }
+
+    def record(self, resumed_at_s: float, reused_tokens: int) -> dict[str, Any]:
+        """What this interception did, for the request's output."""
+        return {
+            "tool": self.spec.tool,
+            "duration_s": resumed_at_s - self.paused_at_s,
+            "predicted_duration_s": self.predicted_duration_s,
+            "expected_duration_s": self.spec.expected_duration_s,
+            "context_tokens": self.num_kv_tokens,
+            "reused_tokens": reused_tokens,
+            "final_state": self.location.value,
+            "decisions": list(self.history),
+        }
 
     @property
     def context_tokens(self) -> int:

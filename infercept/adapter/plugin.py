@@ -18,6 +18,9 @@ def register() -> None:
         return
     _registered = True
     _init_cpu_amx()
+    from infercept.patches import apply_all
+
+    apply_all()
 
 
 def _init_cpu_amx() -> None:

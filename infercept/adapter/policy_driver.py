@@ -31,7 +31,6 @@ class InterceptStats:
     resumes: int = 0
     decisions: Counter = field(default_factory=Counter)  # action name -> count
     tokens_reused: int = 0
-    tokens_to_recompute: int = 0
     forwarded_tokens: int = 0
     recomputed_tokens: int = 0
     preemptions: int = 0
@@ -171,6 +170,35 @@ class PolicyDriver:
 
     def paused(self, paused: "Interception") -> None:
         self.stats.interceptions += 1
+        paused.predicted_duration_s = self.estimator.expected_total_s(
+            paused.spec.tool, paused.spec.expected_duration_s
+        )
+
+    def snapshot(self) -> dict:
+        """Counters and gauges for metrics, as plain data."""
+        by_state = {location.value: 0 for location in Location}
+        for paused in self.scheduler.intercepts.values():
+            by_state[paused.location.value] += 1
+        stats = self.stats
+        return {
+            "policy": self.config.policy,
+            "interceptions": stats.interceptions,
+            "resumes": stats.resumes,
+            "decisions": dict(stats.decisions),
+            "intercepted_by_state": by_state,
+            "idle_device_tokens": self.idle_device_tokens(),
+            "tokens_reused": stats.tokens_reused,
+            "forwarded_tokens": stats.forwarded_tokens,
+            "recomputed_tokens": stats.recomputed_tokens,
+            "preemptions": stats.preemptions,
+            "bytes_swapped_out": self.swap.bytes_swapped_out if self.swap else 0,
+            "bytes_swapped_in": self.swap.bytes_swapped_in if self.swap else 0,
+            "free_cpu_blocks": self.swap.allocator.num_free_blocks if self.swap else 0,
+            "cost_model": self.cost.to_dict(),
+        }
+
+    def set_cost_model(self, cost) -> None:
+        self.cost = cost
 
     def observe_resume(self, paused: "Interception") -> None:
         duration_s = time.monotonic() - paused.paused_at_s
@@ -182,7 +210,6 @@ class PolicyDriver:
         if paused.location is Location.CPU:
             reused = reusable_tokens
         self.stats.tokens_reused += reused
-        self.stats.tokens_to_recompute += max(0, paused.num_kv_tokens - reused)
 
     def idle_device_tokens(self) -> int:
         """KV tokens held on the device by paused requests (memory left idle)."""

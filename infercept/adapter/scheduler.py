@@ -53,6 +53,8 @@ class InterceptSchedulerMixin:
         # Under the stock `vllm` policy: KV a finished segment had computed,
         # by request id, for the resume that names it (bounded).
         self._finished_kv: dict[str, int] = {}
+        # Request id -> records of the interceptions its session went through.
+        self._records: dict[str, list[dict]] = {}
         planner = getattr(self.connector, "planner", None)
         self.policy_driver = PolicyDriver(self, self.intercept_config, planner)
 
@@ -179,6 +181,9 @@ class InterceptSchedulerMixin:
         elif paused.location is Location.CPU:
             self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
         self._recompute_marks[request.request_id] = paused.num_kv_tokens
+        self._records[request.request_id] = self._records.pop(old.request_id, []) + [
+            paused.record(time.monotonic(), reusable)
+        ]
         self._enqueue_by_arrival(request)
         self.policy_driver.resumed(paused, request, reusable)
 
@@ -227,6 +232,32 @@ class InterceptSchedulerMixin:
         self.policy_driver.stats.preemptions += 1
         super()._preempt_request(request, timestamp, *args, **kwargs)
 
+    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        """Override of `Scheduler._free_request` (a request finished).
+
+        The session's interception records ride on the final output, in
+        `kv_transfer_params["infercept"]`, to the front-end.
+        """
+        kv_params, ec_params = super()._free_request(request, delay_free_blocks)
+        records = self._records.pop(request.request_id, None)
+        if records:
+            kv_params = {**(kv_params or {}), "infercept": {"interceptions": records}}
+        return kv_params, ec_params
+
+    # ---- queries from the front-end (EngineCore.infercept utility) ---------
+
+    def infercept_states(self, request_ids: list[str] | None = None) -> dict[str, dict]:
+        now = time.monotonic()
+        ids = self.intercepts if request_ids is None else request_ids
+        return {
+            request_id: self.intercepts[request_id].describe(now)
+            for request_id in ids
+            if request_id in self.intercepts
+        }
+
+    def infercept_stats(self) -> dict:
+        return self.policy_driver.snapshot()
+
     def has_requests(self) -> bool:
         """Override: keep stepping while swap copies are queued for the workers."""
         return super().has_requests() or self.policy_driver.has_pending_work()
@@ -262,6 +293,7 @@ class InterceptSchedulerMixin:
         for request_id in request_ids:
             self._specs.pop(request_id, None)
             self._recompute_marks.pop(request_id, None)
+            self._records.pop(request_id, None)
             paused = self.intercepts.pop(request_id, None)
             if paused is not None:
                 paused.request.status = finished_status

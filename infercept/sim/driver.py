@@ -11,12 +11,13 @@ check both give the same run):
   other decision (no policy budgets for it): never passed.
 - Swapped requests (CPU) only matter to min-waste, which prefetches one that resumes
   soon (remaining_s <= swap_s(C) + forward_s(batch_tokens)) and discards some to make CPU
-  room for a swap-out. A swapped request is passed when CPU room could run short (the
-  preserved contexts exceed the free CPU tokens), or once its next check comes: the
+  room for a swap-out. All are passed when CPU room could run short (the preserved
+  contexts exceed the free CPU tokens); otherwise only those that pass the planner's own
+  "soon" test, run here. The test is only run once a request's next check comes: the
   estimate of the remaining time falls at most as fast as time passes (between recorded
-  durations it is ``mean - elapsed``; past one it jumps up), so from R > X it cannot reach
+  durations it is ``mean - elapsed``; past one it jumps up), so from R it cannot reach
   X = swap_s(C) + forward_s(max_num_batched_tokens) before R - X seconds have passed,
-  unless the estimator learns a new duration of that tool (which checks it again).
+  unless the estimator learns a duration of that tool (which makes it due again).
 - "discard" and "swap" decide once, at the first plan after a pause.
 - "preserve" changes nothing unless the batch needs device memory
   (``device_tokens_needed > 0``).
@@ -58,13 +59,13 @@ class PolicyDriver:
     def step(self, engine: "Engine", now: float) -> None:
         """Plan and apply, before the engine schedules the iteration starting at ``now``."""
         if self.plan_every_iteration:
-            candidates = list(engine.intercepts.values())
+            candidates, batch = list(engine.intercepts.values()), None
         else:
-            candidates = self._candidates(engine, now)
+            candidates, batch = self._candidates(engine, now)
         if not candidates:
             return
         views = [self._view(r, now) for r in candidates]
-        plan = self.policy.plan(views, engine.batch_state(), engine.cost)
+        plan = self.policy.plan(views, batch or engine.batch_state(), engine.cost)
         self.num_plans += 1
         by_id = {r.key: r for r in candidates}
         for decision in plan.decisions:
@@ -76,40 +77,52 @@ class PolicyDriver:
         if self._uses_ttl:
             self._next_expiry_s = None
         if self._uses_cpu:
-            self._schedule_checks(engine, candidates, now)
+            for request in candidates:
+                if request.location is Location.CPU:
+                    self._schedule_check(engine, request, now, self._remaining_s(request, now))
 
-    def _candidates(self, engine: "Engine", now: float) -> list["SimRequest"]:
-        device = engine.intercepted_on(Location.DEVICE)
-        name = self.policy.name
+    def _candidates(self, engine: "Engine", now: float):
+        """The requests to plan for (none: no plan this iteration), and the batch state
+        when it was needed to pick them."""
+        device = list(engine.intercepted_on(Location.DEVICE))
         if self._uses_cpu:
-            return [*device, *self._swapped_to_check(engine, device, now)]
+            return self._min_waste_candidates(engine, device, now)
         if not device:
-            return []
-        if name in _DECIDE_ONCE:
-            return list(device)
+            return [], None
+        if self.policy.name in _DECIDE_ONCE:
+            return device, None
         if self._uses_ttl and now >= self._earliest_expiry_s(device):
-            return list(device)
-        return list(device) if engine.device_tokens_needed() > 0 else []
+            return device, None
+        batch = engine.batch_state()
+        return (device if batch.device_tokens_needed > 0 else []), batch
+
+    def _min_waste_candidates(self, engine: "Engine", device: list, now: float):
+        swapped = engine.intercepted_on(Location.CPU)
+        due = [r for r in swapped if now >= r.next_check_s] if swapped else []
+        if not device and not due:
+            return [], None
+        batch = engine.batch_state()
+        if device and sum(r.kv_tokens for r in device) > batch.free_cpu_tokens:
+            return device + list(swapped), batch  # swapped requests may be discarded for room
+        iteration_s = engine.cost.forward_s(batch.batch_tokens)
+        soon = []
+        for request in due:  # the planner's own test for a prefetch
+            remaining_s = self._remaining_s(request, now)
+            if remaining_s <= engine.cost.swap_s(request.kv_tokens) + iteration_s:
+                soon.append(request)
+            else:
+                self._schedule_check(engine, request, now, remaining_s)
+        return device + soon, batch
+
+    def _remaining_s(self, request: "SimRequest", now: float) -> float:
+        return self.estimator.remaining_s(request.session.tool, now - request.paused_at_s)
 
     @staticmethod
-    def _swapped_to_check(engine: "Engine", device, now: float) -> list["SimRequest"]:
-        swapped = engine.intercepted_on(Location.CPU)
-        if not swapped:
-            return []
-        if device and sum(r.kv_tokens for r in device) > engine.cpu.num_free_blocks * \
-                engine.block_size:
-            return list(swapped)
-        return [r for r in swapped if now >= r.next_check_s]
-
-    def _schedule_checks(self, engine: "Engine", requests, now: float) -> None:
-        """When each swapped request could next resume soon (see the module docstring)."""
-        for request in requests:
-            if request.location is not Location.CPU:
-                continue
-            remaining_s = self.estimator.remaining_s(request.session.tool,
-                                                     now - request.paused_at_s)
-            soon_s = engine.cost.swap_s(request.kv_tokens) + engine.max_forward_s
-            request.next_check_s = now + max(0.0, remaining_s - soon_s - _SLACK_S)
+    def _schedule_check(engine: "Engine", request: "SimRequest", now: float,
+                        remaining_s: float) -> None:
+        """The earliest time a swapped request could resume soon (module docstring)."""
+        soon_s = engine.cost.swap_s(request.kv_tokens) + engine.max_forward_s
+        request.next_check_s = now + max(0.0, remaining_s - soon_s - _SLACK_S)
 
     def _earliest_expiry_s(self, device) -> float:
         if self._next_expiry_s is None:
