@@ -48,11 +48,20 @@ def plot_latency_vs_rate(summary: Mapping[str, Any], path: str | Path, *,
     axes.set_xlabel("request rate (req/s)")
     axes.set_ylabel(f"{_metric_label(metric)} (ms/token)")
     axes.set_yscale("log")
+    _plain_ticks(axes.yaxis)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
     if title:
         axes.set_title(title)
     return _save(figure, path)
+
+
+def _plain_ticks(axis) -> None:
+    """Log-scale ticks written as plain numbers (20, 30, 40) rather than 2x10^1."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(FormatStrFormatter("%g"))
 
 
 def _metric_label(metric: str) -> str:

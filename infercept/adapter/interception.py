@@ -31,15 +31,29 @@ class InterceptSpec:
     resume: str | None = None
     tool: str | None = None
     expected_duration_s: float | None = None
+    # A front-end's name for this segment: if it pauses, the key resumes it.
+    key: str | None = None
+    # Pause at a natural stop (EOS, stop token) too: a chat turn that may end in
+    # a tool call; the front-end cancels the pause if it had none.
+    pause_on_stop: bool = False
+    # May take over a paused request whose whole prompt this one's begins with.
+    auto_resume: bool = False
 
     @property
     def intercepts(self) -> bool:
-        return bool(self.triggers) or self.intercept_after is not None
+        return bool(self.triggers) or self.intercept_after is not None or self.pause_on_stop
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "InterceptSpec":
         if not data:
             return cls()
+        if isinstance(data, str):  # as carried in an OpenAI request's vllm_xargs
+            import json
+
+            try:
+                data = json.loads(data)
+            except ValueError:
+                raise InterceptSpecError("'infercept' must be a JSON object") from None
         if not isinstance(data, dict):
             raise InterceptSpecError("'infercept' must be an object")
         unknown = set(data) - {f for f in cls.__dataclass_fields__}
@@ -51,26 +65,31 @@ class InterceptSpec:
         after = data.get("intercept_after")
         if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 1):
             raise InterceptSpecError("'intercept_after' must be a positive integer")
-        resume = data.get("resume")
-        if resume is not None and not isinstance(resume, str):
-            raise InterceptSpecError("'resume' must be a string")
-        tool = data.get("tool")
-        if tool is not None and not isinstance(tool, str):
-            raise InterceptSpecError("'tool' must be a string")
+        for name in ("resume", "tool", "key"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise InterceptSpecError(f"'{name}' must be a string")
+        for name in ("pause_on_stop", "auto_resume"):
+            if not isinstance(data.get(name, False), bool):
+                raise InterceptSpecError(f"'{name}' must be a boolean")
         expected = data.get("expected_duration_s")
         if expected is not None:
             if isinstance(expected, bool) or not isinstance(expected, (int, float)) or not expected >= 0:
                 raise InterceptSpecError("'expected_duration_s' must be a number >= 0")
             expected = float(expected)
-        return cls(tuple(triggers), after, resume, tool, expected)
+        return cls(tuple(triggers), after, data.get("resume"), data.get("tool"), expected,
+                   data.get("key"), data.get("pause_on_stop", False),
+                   data.get("auto_resume", False))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.triggers:
             out["triggers"] = list(self.triggers)
-        for name in ("intercept_after", "resume", "tool", "expected_duration_s"):
+        for name in ("intercept_after", "resume", "tool", "expected_duration_s", "key"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        for name in ("pause_on_stop", "auto_resume"):
+            if getattr(self, name):
+                out[name] = True
         return out
 
     @classmethod
@@ -103,6 +122,7 @@ class Interception:
     spec: InterceptSpec
     paused_at_s: float
     num_kv_tokens: int  # tokens whose KV was computed at the pause
+    prompt_tokens: int = 0  # the paused segment's prompt
     location: Location = Location.DEVICE
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -112,9 +132,14 @@ class Interception:
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def key(self) -> str:
+        return self.spec.key or self.request_id
+
     def describe(self, now_s: float) -> dict[str, Any]:
         """The paused request's state, as the front-end reports it."""
         return {
+            "intercept_id": self.key,
             "state": self.location.value,
             "context_tokens": self.context_tokens,
             "kv_tokens": self.num_kv_tokens,
@@ -126,6 +151,7 @@ class Interception:
     def record(self, resumed_at_s: float, reused_tokens: int) -> dict[str, Any]:
         """What this interception did, for the request's output."""
         return {
+            "intercept_id": self.key,
             "tool": self.spec.tool,
             "duration_s": resumed_at_s - self.paused_at_s,
             "predicted_duration_s": self.predicted_duration_s,

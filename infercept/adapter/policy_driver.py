@@ -204,12 +204,9 @@ class PolicyDriver:
         duration_s = time.monotonic() - paused.paused_at_s
         self.estimator.observe(paused.spec.tool, duration_s)
 
-    def resumed(self, paused: "Interception", request, reusable_tokens: int) -> None:
+    def resumed(self, paused: "Interception", request, reused_tokens: int) -> None:
         self.stats.resumes += 1
-        reused = request.num_computed_tokens
-        if paused.location is Location.CPU:
-            reused = reusable_tokens
-        self.stats.tokens_reused += reused
+        self.stats.tokens_reused += reused_tokens
 
     def idle_device_tokens(self) -> int:
         """KV tokens held on the device by paused requests (memory left idle)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_right
+from collections import defaultdict
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
@@ -55,6 +56,12 @@ class InterceptSchedulerMixin:
         self._finished_kv: dict[str, int] = {}
         # Request id -> records of the interceptions its session went through.
         self._records: dict[str, list[dict]] = {}
+        # Paused requests by their front-end key, and by their first block's
+        # hash (to find the one a new prompt continues).
+        self._keys: dict[str, str] = {}
+        self._by_first_block: dict = defaultdict(set)
+        # Key -> how the request of that key was admitted (bounded).
+        self._admissions: dict[str, dict] = {}
         planner = getattr(self.connector, "planner", None)
         self.policy_driver = PolicyDriver(self, self.intercept_config, planner)
 
@@ -63,20 +70,63 @@ class InterceptSchedulerMixin:
     def add_request(self, request: Request) -> None:
         """Override of `Scheduler.add_request` (engine core, per new request).
 
-        A request whose spec names a paused request resumes it: it takes over
-        the paused request's KV cache and first arrival time.
+        A request that resumes a paused one takes over its KV cache and first
+        arrival time: named explicitly (`resume`: its key or request id), or
+        found automatically when its prompt begins with the paused request's
+        whole prompt (a client sending the conversation back with the tool's
+        result appended).
         """
         spec = InterceptSpec.of(request.sampling_params)
         if spec.intercepts:
             self._specs[request.request_id] = spec
-        paused = self.intercepts.pop(spec.resume, None) if spec.resume else None
+        paused = self._find_paused(spec, request)
         if paused is None:
             prior_kv_tokens = self._finished_kv.pop(spec.resume, 0) if spec.resume else 0
             if prior_kv_tokens:
                 self._recompute_marks[request.request_id] = prior_kv_tokens
+            self._admit(spec, None, 0)
             super().add_request(request)
             return
-        self._resume(paused, request)
+        self._admit(spec, paused, self._resume(paused, request))
+
+    def _find_paused(self, spec: InterceptSpec, request: Request) -> Interception | None:
+        if spec.resume is not None:
+            request_id = self._keys.get(spec.resume, spec.resume)
+            if request_id in self.intercepts:
+                return self._take_paused(request_id)
+        if not spec.auto_resume or not self.intercepts or not request.block_hashes:
+            return None
+        best, best_len = None, 0
+        for request_id in self._by_first_block.get(request.block_hashes[0], ()):
+            paused = self.intercepts[request_id]
+            common = blocks.common_prefix_len(
+                paused.request.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
+            )
+            # The whole paused prompt at least: the same conversation.
+            if common >= paused.prompt_tokens and common > best_len:
+                best, best_len = paused, common
+        return self._take_paused(best.request_id) if best else None
+
+    def _take_paused(self, request_id: str) -> Interception:
+        paused = self.intercepts.pop(request_id)
+        self._keys.pop(paused.key, None)
+        hashes = paused.request.block_hashes
+        if hashes:
+            self._by_first_block[hashes[0]].discard(request_id)
+            if not self._by_first_block[hashes[0]]:
+                del self._by_first_block[hashes[0]]
+        return paused
+
+    def _admit(self, spec: InterceptSpec, paused: Interception | None, reused_tokens: int) -> None:
+        """Remember how a keyed request was admitted, for the front-end to ask."""
+        if spec.key is None:
+            return
+        self._admissions[spec.key] = {
+            "resumed_from": paused.key if paused else None,
+            "reused_tokens": reused_tokens,
+        }
+        while len(self._admissions) > 4096:
+            self._admissions.pop(next(iter(self._admissions)))
 
     # ---- detecting the trigger ------------------------------------------
 
@@ -90,9 +140,13 @@ class InterceptSchedulerMixin:
             request, new_token_ids, is_stale
         )
         spec = self._specs.get(request.request_id)
-        if stopped or spec is None or not new_token_ids:
+        if spec is None or not new_token_ids:
             return new_token_ids, stopped
-        if not self._trigger_fired(request, spec):
+        if stopped:
+            natural_stop = request.status == RequestStatus.FINISHED_STOPPED
+            if not (spec.pause_on_stop and natural_stop):
+                return new_token_ids, stopped
+        elif not self._trigger_fired(request, spec):
             return new_token_ids, False
         request.status = RequestStatus.FINISHED_STOPPED
         request.stop_reason = STOP_REASON
@@ -150,17 +204,23 @@ class InterceptSchedulerMixin:
         # The worker forgets the request; a resume reaches it as a new one.
         self.finished_req_ids.add(request.request_id)
         spec = self._specs.pop(request.request_id)
-        self.intercepts[request.request_id] = Interception(
+        paused = Interception(
             request=request,
             spec=spec,
             paused_at_s=time.monotonic(),
             num_kv_tokens=request.num_computed_tokens,
+            prompt_tokens=request.num_prompt_tokens,
         )
-        self.policy_driver.paused(self.intercepts[request.request_id])
+        self.intercepts[request.request_id] = paused
+        self._keys[paused.key] = request.request_id
+        if request.block_hashes:
+            self._by_first_block[request.block_hashes[0]].add(request.request_id)
+        self.policy_driver.paused(paused)
 
     # ---- resume ------------------------------------------------------------
 
-    def _resume(self, paused: Interception, request: Request) -> None:
+    def _resume(self, paused: Interception, request: Request) -> int:
+        """Hand `paused`'s KV to `request`; returns the tokens it will not recompute."""
         old = paused.request
         reusable = blocks.common_prefix_len(
             old.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
@@ -171,6 +231,7 @@ class InterceptSchedulerMixin:
         self.requests[request.request_id] = request
         if self.connector is not None:
             self.connector.on_new_request(request)
+        reused = reusable
         if paused.location is Location.DEVICE and reusable == paused.num_kv_tokens:
             blocks.transfer(self.kv_cache_manager, old.request_id, request.request_id)
             request.num_computed_tokens = reusable
@@ -178,14 +239,18 @@ class InterceptSchedulerMixin:
             # Diverged after the common prefix: its full blocks stay in the
             # prefix cache, the rest is recomputed.
             self.kv_cache_manager.free(old)
+            reused = reusable - reusable % self.block_size
         elif paused.location is Location.CPU:
             self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
-        self._recompute_marks[request.request_id] = paused.num_kv_tokens
+        else:
+            reused = 0  # whatever the prefix cache still holds
+        self._recompute_marks[request.request_id] = reusable
         self._records[request.request_id] = self._records.pop(old.request_id, []) + [
-            paused.record(time.monotonic(), reusable)
+            paused.record(time.monotonic(), reused)
         ]
         self._enqueue_by_arrival(request)
-        self.policy_driver.resumed(paused, request, reusable)
+        self.policy_driver.resumed(paused, request, reused)
+        return reused
 
     def _enqueue_by_arrival(self, request: Request) -> None:
         """FCFS by first arrival: a resumed agent keeps its place in line."""
@@ -258,6 +323,33 @@ class InterceptSchedulerMixin:
     def infercept_stats(self) -> dict:
         return self.policy_driver.snapshot()
 
+    def infercept_state(self, key: str) -> dict | None:
+        """A paused request's state by its key (None: not paused)."""
+        request_id = self._keys.get(key)
+        return self.intercepts[request_id].describe(time.monotonic()) if request_id else None
+
+    def infercept_admission(self, key: str) -> dict:
+        """How the request of `key` was admitted, and whether it is paused now.
+
+        A paused one also reports its whole token sequence, which a resume
+        sends back with the tool's result appended.
+        """
+        admission = self._admissions.pop(key, {"resumed_from": None, "reused_tokens": 0})
+        request_id = self._keys.get(key)
+        if request_id is not None:
+            paused = self.intercepts[request_id]
+            admission = {**admission, **paused.describe(time.monotonic()),
+                         "token_ids": list(paused.request.all_token_ids)}
+        return admission
+
+    def infercept_cancel(self, key: str) -> bool:
+        """Free a paused request by its key; False if none is paused under it."""
+        request_id = self._keys.get(key)
+        if request_id is None:
+            return False
+        self.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
+        return True
+
     def has_requests(self) -> bool:
         """Override: keep stepping while swap copies are queued for the workers."""
         return super().has_requests() or self.policy_driver.has_pending_work()
@@ -294,7 +386,7 @@ class InterceptSchedulerMixin:
             self._specs.pop(request_id, None)
             self._recompute_marks.pop(request_id, None)
             self._records.pop(request_id, None)
-            paused = self.intercepts.pop(request_id, None)
+            paused = self._take_paused(request_id) if request_id in self.intercepts else None
             if paused is not None:
                 paused.request.status = finished_status
                 self._free_request(paused.request)

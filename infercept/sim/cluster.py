@@ -103,7 +103,8 @@ def _surely_over(sessions: Sequence[Session], now_s: float, slo_s_per_token: flo
         if request.arrival_s > now_s:
             continue
         end_s = now_s if session.end_s is None else session.end_s
-        if end_s - request.arrival_s - request.tool_s_total > slo_s_per_token * request.output_tokens:
+        latency_s = end_s - request.arrival_s - request.tool_s_total
+        if latency_s > slo_s_per_token * request.output_tokens:
             over += 1
             if over > limit:
                 return True

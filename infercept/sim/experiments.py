@@ -31,14 +31,16 @@ START_RATE = {"gptj-6b-a100": 3.0, "vicuna-13b-2xa100": 2.0, "llama3-70b-4xa100"
 
 def search(profile_name: str, workload: str, policy: str, *, duration_s: float, seed: int,
            replicas: int = 1, router: str = "affinity", prefix_caching: bool = True,
-           tolerance: float = 0.05, start_rate: float | None = None) -> dict[str, Any]:
+           tolerance: float = 0.05, start_rate: float | None = None,
+           step: float = 2.0) -> dict[str, Any]:
     profile = load_profile(profile_name)
     config = SimConfig(replicas=replicas, router=router, prefix_caching=prefix_caching,
                        abort_over_slo=True)
     start = start_rate or START_RATE.get(profile_name, 1.0) * replicas
     started = time.perf_counter()
     rate, runs = find_sustainable_rate(profile, policy, trace_maker(workload, duration_s, seed),
-                                       config, start_rate=start, rel_tol=tolerance)
+                                       config, start_rate=start, rel_tol=tolerance,
+                                       step=step)
     best = runs.get(rate) if rate is not None else None
     return {
         "profile": profile_name, "workload": workload, "policy": policy,
@@ -72,19 +74,32 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_all(jobs: Iterable[dict[str, Any]], out: Path, *, tolerance: float) -> list[dict]:
+def _start_rate(entries: list[dict], job: dict[str, Any]) -> float | None:
+    """Where a search starts: this policy's rate on one replica times the replicas, else
+    the last rate found for the same setup (another policy), else the profile's default."""
+    same = [e for e in entries if e["profile"] == job["profile_name"]
+            and e["workload"] == job["workload"] and e["sustainable_rate"] is not None
+            and e["prefix_caching"] == job["prefix_caching"]]
+    for e in reversed(same):
+        if e["policy"] == job["policy"] and e["replicas"] == 1:
+            return e["sustainable_rate"] * job["replicas"]
+    for e in reversed(same):
+        if e["replicas"] == job["replicas"] and e["router"] == job["router"]:
+            return e["sustainable_rate"]
+    return None
+
+
+def run_all(jobs: Iterable[dict[str, Any]], out: Path, *, tolerance: float,
+            step: float) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     entries = _load(results_path)
     done = {_key(e["profile"], e) for e in entries}
-    found: dict[tuple, float] = {}  # the last rate found for a setup: where the next starts
     for job in jobs:
         if _key(job["profile_name"], job) in done:
             continue
-        setup = (job["profile_name"], job["workload"], job["replicas"], job["router"])
-        entry = search(**job, tolerance=tolerance, start_rate=found.get(setup))
-        if entry["sustainable_rate"] is not None:
-            found[setup] = entry["sustainable_rate"]
+        entry = search(**job, tolerance=tolerance, step=step,
+                       start_rate=_start_rate(entries, job))
         entries.append(entry)
         with results_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -136,6 +151,10 @@ def scaling_table(entries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m infercept.sim.experiments")
     parser.add_argument("experiment", choices=("paper", "scaling"))
@@ -147,25 +166,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration-s", type=float, default=1800.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument("--step", type=float, default=2.0,
+                        help="factor between rates while bracketing the sustainable rate")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    split = lambda text: [t for t in text.split(",") if t]  # noqa: E731
     common = {"duration_s": args.duration_s, "seed": args.seed,
               "prefix_caching": not args.no_prefix_caching}
-    if args.experiment == "paper":
-        jobs = [{"profile_name": p, "workload": w, "policy": policy, **common}
-                for p in split(args.profiles) for w in split(args.workloads)
-                for policy in split(args.policies)]
-    else:
-        jobs = [{"profile_name": p, "workload": w, "policy": policy, "replicas": int(n),
-                 "router": router, **common}
-                for p in split(args.profiles) for w in split(args.workloads)
-                for n in split(args.replicas) for router in split(args.routers)
-                for policy in split(args.policies)
-                if not (int(n) == 1 and router != "affinity")]
-    entries = run_all(({**j, "replicas": j.get("replicas", 1), "router": j.get("router",
-                        "affinity")} for j in jobs), args.out, tolerance=args.tolerance)
+    setups = [(1, "affinity")] if args.experiment == "paper" else [
+        (int(n), router) for n in split(args.replicas) for router in split(args.routers)
+        if int(n) > 1 or router == "affinity"]
+    jobs = [{"profile_name": p, "workload": w, "policy": policy, "replicas": n,
+             "router": router, **common}
+            for p in split(args.profiles) for w in split(args.workloads)
+            for n, router in setups for policy in split(args.policies)]
+    entries = run_all(jobs, args.out, tolerance=args.tolerance, step=args.step)
     table = paper_table(entries) if args.experiment == "paper" else scaling_table(entries)
     (args.out / "table.md").write_text(table)
     print(table)

@@ -193,11 +193,13 @@ def passes(result: SimResult, slo_p90_s_per_token: float) -> bool:
 
 def find_sustainable_rate(profile: HardwareProfile, policy: str, make_trace: TraceMaker,
                           config: SimConfig = SimConfig(), *, start_rate: float = 1.0,
-                          rel_tol: float = 0.05, max_rate: float = 1e4,
+                          rel_tol: float = 0.05, step: float = 2.0, max_rate: float = 1e4,
                           ) -> tuple[float | None, dict[float, SimResult]]:
-    """The highest rate meeting the profile's SLO, to within ``rel_tol``: double or halve
-    from ``start_rate`` to bracket it, then bisect (geometric mean). Assumes latency grows
-    with load. Returns (rate or None, every run by rate)."""
+    """The highest rate meeting the profile's SLO, to within ``rel_tol``: multiply or divide
+    by ``step`` from ``start_rate`` to bracket it, then bisect (geometric mean). Assumes
+    latency grows with load. Returns (rate or None, every run by rate)."""
+    if step <= 1 or rel_tol <= 0:
+        raise ValueError("need step > 1 and rel_tol > 0")
     slo = profile.slo_p90_s_per_token
     runs: dict[float, SimResult] = {}
 
@@ -211,15 +213,15 @@ def find_sustainable_rate(profile: HardwareProfile, policy: str, make_trace: Tra
     if ok(rate):
         low = rate
         while high is None and rate < max_rate:
-            rate *= 2
+            rate *= step
             if ok(rate):
                 low = rate
             else:
                 high = rate
     else:
         high = rate
-        while low is None and rate > start_rate / 2 ** 10:
-            rate /= 2
+        while low is None and rate > start_rate / 1e3:
+            rate /= step
             if ok(rate):
                 low = rate
             else:
