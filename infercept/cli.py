@@ -61,8 +61,26 @@ def apply_serve_defaults(args: argparse.Namespace, argv: list[str]) -> None:
         )
     args.scheduler_cls = SCHEDULER_CLS
     InterceptConfig.from_cli_args(args).apply_to_engine_args(args)
+    allow_endpoint_plugin()
     if _on_cpu():
         apply_cpu_defaults(args, argv)
+
+
+def allow_endpoint_plugin() -> None:
+    """vLLM loads endpoint plugins only when `VLLM_PLUGINS` names them.
+
+    Naming ours there also restricts general plugins to the named ones, so
+    every installed general plugin is named too: nothing else changes.
+    """
+    from importlib.metadata import entry_points
+
+    names = os.environ.get("VLLM_PLUGINS")
+    if names is None:
+        names = ",".join(ep.name for ep in entry_points(group="vllm.general_plugins"))
+    allowed = [n for n in names.split(",") if n]
+    if "infercept" not in allowed:
+        allowed.append("infercept")
+    os.environ["VLLM_PLUGINS"] = ",".join(allowed)
 
 
 def apply_cpu_defaults(args: argparse.Namespace, argv: list[str]) -> None:
@@ -76,6 +94,10 @@ def apply_cpu_defaults(args: argparse.Namespace, argv: list[str]) -> None:
         args.block_size = CPU_DEFAULT_BLOCK_SIZE
     if not _given(argv, "--dtype"):
         args.dtype = CPU_DEFAULT_DTYPE
+    # vLLM's CPU build recompiles the model at every start (its compile cache
+    # does not load): 1-2 minutes. Eager mode starts in seconds.
+    if not any(_given(argv, f) for f in ("--enforce-eager", "--compilation-config", "-O", "-cc")):
+        args.enforce_eager = True
 
 
 def _given(argv: list[str], flag: str) -> bool:

@@ -68,18 +68,15 @@ class LiveEngine:
 
     def get(self, model: Path, policy: str, kv_cache_bytes: int, swap_space_bytes: int,
             max_model_len: int = MAX_MODEL_LEN):
-        from vllm import LLM
-
-        from infercept.config import InterceptConfig
+        from infercept import LLM  # vllm.LLM with InferCept's engine arguments
 
         key = (str(model), kv_cache_bytes, swap_space_bytes, max_model_len)
         if self.key != key:
             self.close()
             # Built with a policy that needs the swap connector; any policy,
             # `vllm` and `discard` included, can then be set per test.
-            config = InterceptConfig(policy="swap", swap_space_bytes=swap_space_bytes)
             self.llm = LLM(**engine_kwargs(model, kv_cache_bytes, max_model_len=max_model_len),
-                           **config.engine_kwargs())
+                           intercept_policy="swap", swap_space_bytes=swap_space_bytes)
             self.key = key
         self.scheduler.policy_driver.set_policy(policy)
         return self.llm

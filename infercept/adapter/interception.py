@@ -142,6 +142,7 @@ class Interception:
             "intercept_id": self.key,
             "state": self.location.value,
             "context_tokens": self.context_tokens,
+            "prompt_tokens": self.prompt_tokens,
             "kv_tokens": self.num_kv_tokens,
             "tool": self.spec.tool,
             "age_s": now_s - self.paused_at_s,

@@ -143,8 +143,10 @@ class InterceptSchedulerMixin:
         if spec is None or not new_token_ids:
             return new_token_ids, stopped
         if stopped:
+            # A natural stop (EOS, stop token) pauses only a turn that may end
+            # in a tool call, and only under a policy that pauses at all.
             natural_stop = request.status == RequestStatus.FINISHED_STOPPED
-            if not (spec.pause_on_stop and natural_stop):
+            if not (spec.pause_on_stop and natural_stop and self.policy_driver.pauses):
                 return new_token_ids, stopped
         elif not self._trigger_fired(request, spec):
             return new_token_ids, False

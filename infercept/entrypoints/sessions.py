@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from vllm import SamplingParams
+from vllm import RequestOutput, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
@@ -41,6 +41,8 @@ class Session:
     finish_reason: str | None = None
     stop_reason: Any = None
     engine_request_id: str | None = None
+    texts: list[str] = field(default_factory=list)  # the model's text per segment, as vLLM detokenized it
+    last_output: RequestOutput | None = None  # the latest segment's final output
 
     @property
     def num_generated(self) -> int:
@@ -73,8 +75,17 @@ class SessionEngine:
         return session
 
     def resume(self, session: Session, token_ids: list[int] | None = None, text: str | None = None,
-               spec: InterceptSpec | None = None, max_tokens: int | None = None) -> None:
-        """Append a tool's result (token ids, or text tokenized on its own) and continue."""
+               spec: InterceptSpec | None = None, max_tokens: int | None = None,
+               sampling_params: SamplingParams | None = None,
+               context_token_ids: list[int] | None = None) -> None:
+        """Append a tool's result (token ids, or text tokenized on its own) and continue.
+
+        `sampling_params` replaces the session's for this and later segments
+        (the session's max_tokens budget stays). `context_token_ids` replaces
+        the whole sequence instead of appending to it (a re-rendered
+        conversation); the engine reuses the KV of the prefix it shares with
+        the paused request, and `appended` records the tokens after that prefix.
+        """
         if session.state is not SessionState.INTERCEPTED:
             raise ValueError(f"session {session.session_id} is {session.state.value}, not intercepted")
         if text is not None:
@@ -82,6 +93,12 @@ class SessionEngine:
         appended = list(token_ids or [])
         if max_tokens is not None:
             session.max_tokens = max_tokens
+        if sampling_params is not None:
+            session.sampling_params = sampling_params
+        if context_token_ids is not None:
+            common = _common_prefix_len(session.token_ids, context_token_ids)
+            appended = list(context_token_ids[common:])
+            del session.token_ids[common:]
         session.appended.append(appended)
         session.token_ids.extend(appended)
         base = (spec or InterceptSpec()).to_dict()
@@ -102,13 +119,20 @@ class SessionEngine:
     def _submit(self, session: Session, spec: InterceptSpec) -> None:
         remaining = session.max_tokens - session.num_generated
         if remaining <= 0 or len(session.token_ids) >= self._max_model_len():
-            # Nothing left to generate: the session ends at its tool result.
+            # Nothing left to generate: the session ends at its tool result,
+            # and the paused request it would have resumed is released.
+            if spec.resume is not None:
+                self.engine.engine_core.abort_requests([spec.resume])
             session.state = SessionState.FINISHED
             session.finish_reason = "length"
             return
         params = session.sampling_params.clone()
         params.max_tokens = remaining
         params.output_kind = RequestOutputKind.FINAL_ONLY
+        if spec.intercepts and not params.stop:
+            # vLLM's detokenizer drops a stopped output's last token from the
+            # text (it takes it for EOS); a paused segment keeps it.
+            params.include_stop_str_in_output = True
         params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec.to_dict()}
         request_id = f"{session.session_id}/{len(session.segments)}"
         engine_id = self.engine.add_request(
@@ -117,6 +141,21 @@ class SessionEngine:
         session.engine_request_id = engine_id
         self._by_request[engine_id] = session
         self._by_request[request_id] = session
+
+    def _stop_token_text(self, session: Session) -> str:
+        """The text of the token that paused the session, where vLLM left it out.
+
+        Only a segment with stop strings lacks it: `_submit` keeps a paused
+        segment's last token in the text otherwise.
+        """
+        params = session.sampling_params
+        if params.include_stop_str_in_output or not params.stop or not session.segments[-1]:
+            return ""
+        tail = session.token_ids[-8:]
+        skip = params.skip_special_tokens
+        text = self.tokenizer.decode(tail, skip_special_tokens=skip)
+        before = self.tokenizer.decode(tail[:-1], skip_special_tokens=skip)
+        return text[len(before):] if text.startswith(before) else ""
 
     def _max_model_len(self) -> int:
         return self.engine.model_config.max_model_len
@@ -136,14 +175,26 @@ class SessionEngine:
             self._by_request.pop(session.engine_request_id, None)
             completion = output.outputs[0]
             tokens = list(completion.token_ids)
+            session.last_output = output
             session.segments.append(tokens)
             session.output_token_ids.extend(tokens)
             session.token_ids.extend(tokens)
+            text = completion.text
             if completion.stop_reason == STOP_REASON:
                 session.state = SessionState.INTERCEPTED
+                text += self._stop_token_text(session)
             else:
                 session.state = SessionState.FINISHED
                 session.finish_reason = completion.finish_reason
                 session.stop_reason = completion.stop_reason
+            session.texts.append(text)
             changed.append(session)
         return changed
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

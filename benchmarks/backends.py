@@ -1,0 +1,530 @@
+"""Engines the benchmark driver replays traces against.
+
+In-process (the driver steps the engine itself, one step at a time):
+
+- ``StockBackend``: a plain ``vllm.LLM`` (no InferCept scheduler, no connector, prefix
+  caching on, as shipped). Every segment is a new request whose prompt is the whole
+  context so far: what a user of stock vLLM does at a tool call.
+- ``InterceptBackend``: ``vllm.LLM`` with InferCept's scheduler, driven through
+  ``SessionEngine``; a segment ends by ``InterceptSpec(intercept_after=...)`` and the tool's
+  tokens come back through ``SessionEngine.resume``.
+
+Both return a ``StepReport`` per engine step: its wall time, the tokens it forwarded, those
+that recomputed KV computed before, the KV tokens paused requests hold idle on the device,
+and the segments that ended in it. InferCept's numbers are per-step deltas of the
+scheduler's counters. Stock vLLM has none, so ``StockBackend`` wraps its scheduler's
+``schedule()`` (an observation only) and counts the same way the InferCept scheduler does:
+a scheduled token below the KV the request's previous segment had computed, or below what
+it had computed before a preemption, is recomputation.
+
+Over HTTP (``HttpReplay``): a real client against a running server, one asyncio task per
+request: the official ``openai`` client for completions, ``httpx`` for InferCept's resume
+endpoint, and the server's Prometheus ``/metrics`` for the engine's counters. The stock
+baseline is vLLM's own server (``python -m vllm.entrypoints.openai.api_server``), whose
+completions report prefix-cache hits (``--enable-prompt-tokens-details``): a segment
+recomputes the KV its previous segment had computed, less those hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import re
+import time
+from dataclasses import dataclass, field
+
+from benchmarks.workload import Request
+
+
+@dataclass(frozen=True)
+class SegmentDone:
+    request_id: str
+    num_tokens: int  # tokens the model generated in the segment
+    finished: bool  # the request's last segment
+
+
+@dataclass
+class StepReport:
+    wall_s: float
+    forwarded_tokens: int
+    recomputed_tokens: int
+    idle_device_tokens: int
+    done: list[SegmentDone] = field(default_factory=list)
+
+
+def sampling_params(max_tokens: int):
+    """Greedy, fixed length, no detokenization: the benchmark reads token ids only."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens,
+                          detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+class InProcessBackend:
+    """What the two in-process engines share: the LLM, warm-up, reset and shutdown."""
+
+    policy: str
+
+    def __init__(self, engine_kwargs: dict):
+        from vllm import LLM
+
+        self.llm = LLM(**engine_kwargs)
+        self.engine = self.llm.llm_engine
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return pool.num_gpu_blocks * self.scheduler.block_size
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_requests()
+
+    def warm_up(self, prompt_tokens: int = 96, num_requests: int = 4) -> None:
+        """Run a few plain requests so the first measured step pays no first-call costs."""
+        prompts = [[5 + (i * 7 + j) % 97 for j in range(prompt_tokens)] for i in range(num_requests)]
+        self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params(8),
+                          use_tqdm=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """Between runs: an empty prefix cache, so no run inherits another's."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("prefix cache not reset: requests are still in the engine")
+
+    def close(self) -> None:
+        """Shut the engine down; vLLM allows one KV connector per process at a time."""
+        self.engine.engine_core.shutdown()
+        self.llm = self.engine = self.scheduler = None
+        gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class StockBackend(InProcessBackend):
+    policy = "vllm"
+
+    def __init__(self, engine_kwargs: dict):
+        super().__init__(engine_kwargs)
+        self._requests: dict[str, Request] = {}
+        self._context: dict[str, list[int]] = {}  # request id -> its tokens so far
+        self._segment: dict[str, int] = {}  # request id -> index of its running segment
+        self._engine_ids: dict[str, str] = {}  # request id -> engine id of that segment
+        self._probe = _RecomputeProbe(self.scheduler)
+
+    def start(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+        self._context[request.request_id] = list(request.prompt_token_ids)
+        self._submit(request.request_id, 0, prior_kv_tokens=0)
+
+    def resume(self, request_id: str) -> None:
+        """Append the tool's tokens; the next segment is a new request with all of it."""
+        index = self._segment[request_id]
+        segment = self._requests[request_id].segments[index]
+        context = self._context[request_id]
+        prior_kv_tokens = len(context) - 1  # the last sampled token has no KV yet
+        context.extend(segment.tool_return_token_ids)
+        self._submit(request_id, index + 1, prior_kv_tokens)
+
+    def _submit(self, request_id: str, index: int, prior_kv_tokens: int) -> None:
+        from vllm.inputs import TokensPrompt
+
+        segment = self._requests[request_id].segments[index]
+        engine_id = self.engine.add_request(
+            f"{request_id}/{index}", TokensPrompt(prompt_token_ids=list(self._context[request_id])),
+            sampling_params(segment.generate_tokens))
+        self._segment[request_id] = index
+        self._engine_ids[request_id] = engine_id
+        self._probe.marks[engine_id] = prior_kv_tokens
+
+    def step(self) -> StepReport:
+        start_s = time.perf_counter()
+        outputs = self.engine.step()
+        wall_s = time.perf_counter() - start_s
+        forwarded, recomputed = self._probe.take()
+        report = StepReport(wall_s, forwarded, recomputed, idle_device_tokens=0)
+        for output in outputs:
+            if not output.finished:
+                continue
+            request_id, index = output.request_id.rsplit("/", 1)
+            tokens = output.outputs[0].token_ids
+            self._context[request_id].extend(tokens)
+            self._probe.forget(self._engine_ids[request_id])
+            last = int(index) == len(self._requests[request_id].segments) - 1
+            report.done.append(SegmentDone(request_id, len(tokens), last))
+            if last:
+                self._drop(request_id)
+        return report
+
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.engine.abort_request([f"{request_id}/{self._segment[request_id]}"])
+            self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        self._requests.pop(request_id)
+        self._context.pop(request_id)
+        self._segment.pop(request_id)
+        self._probe.forget(self._engine_ids.pop(request_id))
+
+    def counters(self) -> dict:
+        return {"preemptions": self._probe.preemptions}
+
+    def idle_device_tokens(self) -> int:
+        return 0  # stock vLLM drops a request's KV when its segment ends
+
+
+class _RecomputeProbe:
+    """Counts stock vLLM's forwarded and recomputed tokens per step, from the outputs of
+    its scheduler's ``schedule()`` (wrapped on this one instance; behaviour unchanged)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.marks: dict[str, int] = {}  # engine id -> tokens whose KV was computed before
+        self.preemptions = 0
+        self._forwarded = self._recomputed = 0
+        self._schedule = scheduler.schedule
+        scheduler.schedule = self._observed_schedule
+
+    def _observed_schedule(self, *args, **kwargs):
+        output = self._schedule(*args, **kwargs)
+        # After schedule() a request's num_computed_tokens already counts this step.
+        for engine_id, num_tokens in output.num_scheduled_tokens.items():
+            end = self.scheduler.requests[engine_id].num_computed_tokens
+            start = end - num_tokens
+            mark = self.marks.get(engine_id, 0)
+            self._recomputed += max(0, min(mark, end) - start)
+            self.marks[engine_id] = max(mark, end)
+        self._forwarded += output.total_num_scheduled_tokens
+        self.preemptions += len(output.preempted_req_ids or ())
+        return output
+
+    def take(self) -> tuple[int, int]:
+        """(forwarded, recomputed) tokens since the last call."""
+        counts = (self._forwarded, self._recomputed)
+        self._forwarded = self._recomputed = 0
+        return counts
+
+    def forget(self, engine_id: str) -> None:
+        self.marks.pop(engine_id, None)
+
+
+class InterceptBackend(InProcessBackend):
+    """InferCept's scheduler under ``policy`` (``unbounded`` runs as ``preserve``)."""
+
+    def __init__(self, engine_kwargs: dict, policy: str):
+        from infercept.entrypoints.sessions import SessionEngine
+
+        super().__init__(engine_kwargs)
+        self.policy = policy
+        self.sessions = SessionEngine(self.engine)
+        self._requests: dict[str, Request] = {}
+        self._last = self.stats()
+
+    def stats(self) -> dict:
+        return self.engine.engine_core.engine_core.infercept("stats")
+
+    def reset(self) -> None:
+        super().reset()
+        from infercept.entrypoints.sessions import SessionEngine
+
+        self.sessions = SessionEngine(self.engine)
+        self._last = self.stats()
+
+    def start(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+        self.sessions.start(list(request.prompt_token_ids), sampling_params(request.output_tokens),
+                            self._spec(request, 0), session_id=request.request_id)
+
+    def resume(self, request_id: str) -> None:
+        session = self.sessions.sessions[request_id]
+        request = self._requests[request_id]
+        index = len(session.segments)  # the segment about to start
+        returned = request.segments[index - 1].tool_return_token_ids
+        self.sessions.resume(session, token_ids=list(returned), spec=self._spec(request, index))
+
+    @staticmethod
+    def _spec(request: Request, index: int):
+        from infercept.adapter.interception import InterceptSpec
+
+        if index == len(request.segments) - 1:
+            return InterceptSpec()
+        return InterceptSpec(intercept_after=request.segments[index].generate_tokens,
+                             tool=request.augmentation)
+
+    def step(self) -> StepReport:
+        from infercept.entrypoints.sessions import SessionState
+
+        start_s = time.perf_counter()
+        changed = self.sessions.step()
+        wall_s = time.perf_counter() - start_s
+        stats = self.stats()
+        report = StepReport(
+            wall_s,
+            forwarded_tokens=stats["forwarded_tokens"] - self._last["forwarded_tokens"],
+            recomputed_tokens=stats["recomputed_tokens"] - self._last["recomputed_tokens"],
+            idle_device_tokens=stats["idle_device_tokens"])
+        self._last = stats
+        for session in changed:
+            finished = session.state is SessionState.FINISHED
+            report.done.append(SegmentDone(session.session_id, len(session.segments[-1]), finished))
+            if finished:
+                del self._requests[session.session_id]
+        return report
+
+    def counters(self) -> dict:
+        return self.stats()
+
+    def idle_device_tokens(self) -> int:
+        return self.stats()["idle_device_tokens"]
+
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.sessions.abort(self.sessions.sessions[request_id])
+            del self._requests[request_id]
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+RESUME_PATH = "/v1/intercepts/{intercept_id}/resume"
+METRICS_POLL_S = 0.1
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(sample name, labels, value) of every sample in a Prometheus text exposition."""
+    samples = []
+    for line in text.splitlines():
+        match = None if line.startswith("#") else _SAMPLE.match(line)
+        if match:
+            name, labels, value = match.groups()
+            samples.append((name, dict(_LABEL.findall(labels or "")), float(value)))
+    return samples
+
+
+def metric_sum(samples, name: str, **labels: str) -> float | None:
+    """Sum of the samples named ``name`` whose labels include ``labels``; None if none."""
+    values = [value for sample_name, sample_labels, value in samples
+              if sample_name == name and labels.items() <= sample_labels.items()]
+    return sum(values) if values else None
+
+
+def kv_capacity_from_metrics(samples) -> int | None:
+    """Cache capacity in tokens, from vLLM's ``vllm:cache_config_info`` labels."""
+    for name, labels, _ in samples:
+        if name == "vllm:cache_config_info" and "num_gpu_blocks" in labels:
+            return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+    return None
+
+
+@dataclass
+class HttpRequestLog:
+    """What the client saw of one request (times relative to the replay's start)."""
+
+    end_s: float | None = None
+    output_tokens: int = 0
+    tool_s_total: float = 0.0
+    num_interceptions: int = 0
+    recomputed_tokens: int = 0  # stock only: from the prefix-cache hits it reports
+    forwarded_tokens: int = 0  # stock only
+
+
+class HttpReplay:
+    """Replays a trace against ``base_url``; ``policy`` "vllm" means vLLM's stock server."""
+
+    def __init__(self, base_url: str, model: str, policy: str, timeout_s: float = 600.0):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.policy = policy
+        self.timeout_s = timeout_s
+
+    def run(self, requests: list[Request], deadline_s: float):
+        """Replay; returns ({request id: HttpRequestLog}, metrics before, metrics after,
+        idle-token events). Requests still open at ``deadline_s`` are cancelled."""
+        return asyncio.run(self._run(requests, deadline_s))
+
+    async def _run(self, requests, deadline_s):
+        import httpx
+        import openai
+
+        self._t0 = time.monotonic()
+        self._client = openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="EMPTY",
+                                          timeout=self.timeout_s, max_retries=0)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s,
+                                     limits=limits) as http:
+            self._http = http
+            before = parse_prometheus((await http.get("/metrics")).text)
+            logs = {r.request_id: HttpRequestLog() for r in requests}
+            events: list[tuple[float, int]] = []
+            poller = asyncio.create_task(self._poll_idle(events))
+            tasks = [asyncio.create_task(self._replay_one(r, logs[r.request_id])) for r in requests]
+            await asyncio.wait(tasks, timeout=max(0.0, deadline_s - self.now_s()))
+            for task in tasks:
+                task.cancel()
+            poller.cancel()
+            await asyncio.gather(*tasks, poller, return_exceptions=True)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            after = parse_prometheus((await http.get("/metrics")).text)
+        await self._client.close()
+        return logs, before, after, events
+
+    def now_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    async def _poll_idle(self, events: list[tuple[float, int]]) -> None:
+        while True:
+            samples = parse_prometheus((await self._http.get("/metrics")).text)
+            idle = metric_sum(samples, "infercept:idle_device_tokens")
+            if idle is not None and (not events or events[-1][1] != idle):
+                events.append((self.now_s(), int(idle)))
+            await asyncio.sleep(METRICS_POLL_S)
+
+    async def _replay_one(self, request: Request, log: HttpRequestLog) -> None:
+        await asyncio.sleep(max(0.0, request.arrival_s - self.now_s()))
+        segments = request.segments
+        context = list(request.prompt_token_ids)
+        if self.policy == "vllm":
+            response = await self._complete(request, context, 0, log)
+        else:
+            response = await self._complete(request, context, 0, log, self._spec(request, 0))
+        for index in range(1, len(segments)):
+            tool_start_s = self.now_s()
+            await asyncio.sleep(segments[index - 1].tool_s)
+            returned = list(segments[index - 1].tool_return_token_ids)
+            log.tool_s_total += self.now_s() - tool_start_s
+            log.num_interceptions += 1
+            if self.policy == "vllm":
+                context += _choice_token_ids(response) + returned
+                response = await self._complete(request, context, index, log)
+            else:
+                response = await self._resume(request, index, response, returned, log)
+        log.end_s = self.now_s()
+
+    @staticmethod
+    def _spec(request: Request, index: int) -> dict | None:
+        if index == len(request.segments) - 1:
+            return None
+        return {"intercept_after": request.segments[index].generate_tokens,
+                "tool": request.augmentation}
+
+    @staticmethod
+    def _remaining_tokens(request: Request, index: int) -> int:
+        return sum(s.generate_tokens for s in request.segments[index:])
+
+    async def _complete(self, request, context, index, log, spec=None):
+        """Stock: one segment as a whole-context completion. InferCept: the first segment."""
+        max_tokens = (request.segments[index].generate_tokens if self.policy == "vllm"
+                      else self._remaining_tokens(request, index))
+        extra = {"ignore_eos": True, "return_token_ids": True}
+        if spec is not None:
+            extra["infercept"] = spec
+        response = await self._client.completions.create(
+            model=self.model, prompt=context, max_tokens=max_tokens, temperature=0.0,
+            extra_body=extra)
+        usage = response.usage
+        log.output_tokens += usage.completion_tokens
+        if self.policy == "vllm":
+            details = usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details is not None else 0
+            prior_kv_tokens = 0 if index == 0 else len(context) - len(
+                request.segments[index - 1].tool_return_token_ids) - 1
+            log.recomputed_tokens += max(0, prior_kv_tokens - cached)
+            log.forwarded_tokens += usage.prompt_tokens - cached + usage.completion_tokens - 1
+        return response.model_dump()
+
+    async def _resume(self, request, index, previous: dict, returned, log) -> dict:
+        intercept = previous.get("infercept") or {}
+        if "intercept_id" not in intercept:
+            raise RuntimeError(f"{request.request_id}: the server did not pause segment "
+                               f"{index - 1} (no infercept.intercept_id in its response)")
+        body = {"token_ids": returned, "max_tokens": self._remaining_tokens(request, index)}
+        spec = self._spec(request, index)
+        if spec is not None:
+            body["infercept"] = spec
+        path = RESUME_PATH.format(intercept_id=intercept["intercept_id"])
+        response = await self._http.post(path, json=body)
+        response.raise_for_status()
+        completion = response.json()
+        log.output_tokens += completion["usage"]["completion_tokens"]
+        return completion
+
+
+def _choice_token_ids(response: dict) -> list[int]:
+    token_ids = response["choices"][0].get("token_ids")
+    if token_ids is None:
+        raise RuntimeError("the server returned no token ids (return_token_ids unsupported?)")
+    return list(token_ids)
+
+
+class ServerProcess:
+    """A server child process (``command`` must take ``--host``/``--port``), up once GET
+    /health answers; stopped with SIGINT, then SIGKILL."""
+
+    def __init__(self, command: list[str], log_path, env: dict[str, str], host: str = "127.0.0.1"):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            self.port = sock.getsockname()[1]
+        self.base_url = f"http://{host}:{self.port}"
+        self.command = [*command, "--host", host, "--port", str(self.port)]
+        self.log_path, self.env = log_path, env
+        self.process = None
+
+    def __enter__(self) -> ServerProcess:
+        import subprocess
+
+        import httpx
+
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self.env,
+                                            start_new_session=True)
+        deadline_s = time.monotonic() + 300.0
+        while time.monotonic() < deadline_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited ({self.process.returncode}); see {self.log_path}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=5.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"server not healthy after 300 s; see {self.log_path}")
+
+    def __exit__(self, *exc_info) -> None:
+        import signal
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def engine_cli_flags(engine_kwargs: dict) -> list[str]:
+    """vLLM engine keyword arguments, but the model, as ``vllm serve`` flags."""
+    args = []
+    for key, value in engine_kwargs.items():
+        if key == "model":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args

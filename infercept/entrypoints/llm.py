@@ -1,0 +1,644 @@
+"""`infercept.LLM`: vLLM's offline `LLM`, with tools called in the middle of generation.
+
+`generate(..., augmentations=[...])` pauses a request when the model writes an
+augmentation's end marker, runs the tool off the engine thread (a plain
+function in a thread pool, an `async def` on one event-loop thread), and
+resumes the request with the tool's text appended; the engine keeps serving
+every other request meanwhile, and InferCept's scheduler decides what happens
+to the paused request's KV cache. `chat(..., tool_functions={...})` runs the
+whole tool loop of a chat conversation with a vLLM tool parser.
+
+Both run on `SessionEngine` (one session per prompt, one vLLM request per
+segment). Without augmentations or tool functions, both are vLLM's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import inspect
+import json
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import vllm
+from tqdm.auto import tqdm
+from vllm import CompletionOutput, RequestOutput, SamplingParams
+from vllm.renderers.inputs.preprocess import conversation_to_seq, prompt_to_seq
+
+from infercept.adapter.interception import InterceptSpec
+from infercept.config import InterceptConfig
+from infercept.entrypoints.sessions import Session, SessionEngine, SessionState
+
+ErrorHandler = str | Callable[[BaseException], str]  # "skip", "raise", or exc -> text to append
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A tool the model calls inline: `start` ARGS `end`, answered by `call(ARGS)`.
+
+    `call` takes the text between the markers and returns the text appended
+    after `end` (tokenized on its own); it may be an `async def`. `on_error`
+    says what a raising call appends: "skip" (nothing), "raise" (abort the
+    whole batch and re-raise), or a function of the exception.
+    """
+
+    name: str
+    start: str
+    end: str
+    call: Callable[[str], Any]
+    on_error: ErrorHandler = "skip"
+    expected_duration_s: float | None = None  # a hint for the policy's duration estimate
+
+    def __post_init__(self) -> None:
+        if not self.start or not self.end or self.start == self.end:
+            raise ValueError("an augmentation needs distinct, non-empty start and end markers")
+        if not callable(self.call):
+            raise TypeError(f"augmentation {self.name!r}: call must be callable")
+        _check_error_handler(self.on_error)
+
+
+@dataclass
+class InterceptionRecord:
+    """One tool call: what was asked, what came back, and what the engine did meanwhile.
+
+    `engine` is the scheduler's record of the interception (paused time as
+    `duration_s`, `predicted_duration_s`, `context_tokens`, `reused_tokens`,
+    `final_state`, and `decisions`: the preserve/swap/discard history); None
+    under the stock `vllm` policy or when the session ended at the call.
+    """
+
+    name: str
+    args: Any
+    result: str | None = None
+    error: str | None = None
+    duration_s: float = 0.0  # the tool's own run time
+    inserted_at_tokens: int | None = None  # offset of the result in the continuation (generate)
+    result_tokens: int = 0
+    engine: dict[str, Any] | None = None
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        return list((self.engine or {}).get("decisions", []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tool_error_message(exc: BaseException) -> str:
+    """The default `on_error` of `chat`: the model is told what went wrong."""
+    return f"error: {type(exc).__name__}: {exc}"
+
+
+def find_call(text: str, augmentations: Sequence[Augmentation]) -> tuple[Augmentation, str | None] | None:
+    """The call that ends `text`: the augmentation whose end marker ends last (the
+    longest on a tie), and the text between its last start marker and that end.
+
+    None when no end marker is in `text`; the arguments are None when no start
+    marker precedes the end.
+    """
+    ends = [(text.rfind(a.end) + len(a.end), len(a.end), a) for a in augmentations if a.end in text]
+    if not ends:
+        return None
+    end_pos, _, aug = max(ends, key=lambda e: (e[0], e[1]))
+    end_at = end_pos - len(aug.end)
+    start_at = text.rfind(aug.start, 0, end_at)
+    return aug, None if start_at < 0 else text[start_at + len(aug.start) : end_at]
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    error: BaseException | None = None
+    duration_s: float = 0.0
+
+
+class _ToolRunner:
+    """Runs tool calls off the engine thread; every future resolves to an `_Outcome`."""
+
+    def __init__(self, max_workers: int | None):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="infercept-tool")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+            return asyncio.run_coroutine_threadsafe(self._timed_async(fn, args, kwargs), self._event_loop())
+        return self._pool.submit(self._timed, fn, args, kwargs)
+
+    def _timed(self, fn, args, kwargs) -> _Outcome:
+        started_s = time.monotonic()
+        try:
+            value = fn(*args, **kwargs)
+            if inspect.isawaitable(value):
+                value = asyncio.run_coroutine_threadsafe(_awaited(value), self._event_loop()).result()
+            return _Outcome(value, None, time.monotonic() - started_s)
+        except Exception as exc:
+            return _Outcome(None, exc, time.monotonic() - started_s)
+
+    @staticmethod
+    async def _timed_async(fn, args, kwargs) -> _Outcome:
+        started_s = time.monotonic()
+        try:
+            return _Outcome(await fn(*args, **kwargs), None, time.monotonic() - started_s)
+        except Exception as exc:
+            return _Outcome(None, exc, time.monotonic() - started_s)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="infercept-tool-loop",
+                                 daemon=True).start()
+            return self._loop
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _failed(exc: BaseException) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    future.set_result(_Outcome(None, exc, 0.0))
+    return future
+
+
+def _check_error_handler(on_error: ErrorHandler) -> None:
+    if not callable(on_error) and on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip', 'raise' or a function, not {on_error!r}")
+
+
+def _recover(on_error: ErrorHandler, exc: BaseException) -> str | None:
+    """The text to append after a failed call (None: nothing), or re-raise."""
+    if on_error == "raise":
+        raise exc
+    return None if on_error == "skip" else str(on_error(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class _Run:
+    """One prompt's session and what the front-end knows about it."""
+
+    index: int
+    session: Session
+    params: SamplingParams
+    prompt_text: str  # what a start marker is searched in, before the continuation
+    prompt: str | None = None  # the prompt string, for the output (None for token prompts)
+    pieces: list[str] = field(default_factory=list)  # model text and tool results, in order
+    records: list[InterceptionRecord] = field(default_factory=list)
+    pause_of_record: list[int] = field(default_factory=list)  # engine interception index per record
+    num_pauses: int = 0
+    futures: list[concurrent.futures.Future] = field(default_factory=list)
+    calls: list[Any] = field(default_factory=list)  # what each future answers
+    messages: list[dict] = field(default_factory=list)  # chat only
+    turn_start: int = 0  # chat: first segment of the current assistant turn
+
+    def attach_engine_records(self) -> None:
+        last = self.session.last_output
+        params = (last.kv_transfer_params or {}) if last is not None else {}
+        engine = params.get("infercept", {}).get("interceptions", [])
+        for record, pause in zip(self.records, self.pause_of_record):
+            record.engine = engine[pause] if pause < len(engine) else None
+
+
+class _Driver:
+    """Steps the engine while tools run; subclasses say what a pause and an end mean."""
+
+    def __init__(self, llm: "LLM", use_tqdm, total: int):
+        self.llm = llm
+        self.sessions = SessionEngine(llm.llm_engine)
+        self.tokenizer = llm.get_tokenizer()
+        self.runs: list[_Run] = []
+        self._by_session: dict[str, _Run] = {}
+        self._waiting: list[_Run] = []
+        self._pbar = None
+        if use_tqdm:
+            make = use_tqdm if callable(use_tqdm) else tqdm
+            self._pbar = make(total=total, desc="Processed prompts", dynamic_ncols=True)
+
+    def start(self, prompt_token_ids: list[int], params: SamplingParams, spec: InterceptSpec,
+              prompt_text: str, first_params: SamplingParams | None = None) -> _Run:
+        """Start a session; `first_params` (if any) drive its first segment only."""
+        if params.max_tokens is None:
+            params = params.clone()
+            params.max_tokens = self.llm.llm_engine.model_config.max_model_len
+        if first_params is not None:
+            first_params = first_params.clone()
+            first_params.max_tokens = params.max_tokens  # the session's budget
+        session = self.sessions.start(prompt_token_ids, first_params or params, spec,
+                                      session_id=str(next(self.llm.request_counter)))
+        run = _Run(len(self.runs), session, params, prompt_text)
+        self.runs.append(run)
+        self._by_session[session.session_id] = run
+        return run
+
+    def run(self) -> list[RequestOutput]:
+        """Serve every session to its end; the outputs in start order."""
+        outputs: list[RequestOutput | None] = [None] * len(self.runs)
+        try:
+            for run in self.runs:  # a prompt with no room left ends at once
+                if run.session.state is SessionState.FINISHED:
+                    outputs[run.index] = self._finish(run)
+            while self.sessions.has_unfinished() or self._waiting:
+                if self.sessions.has_unfinished():
+                    for session in self.sessions.step():
+                        run = self._by_session[session.session_id]
+                        if session.state is SessionState.INTERCEPTED:
+                            run.num_pauses += 1
+                            run.futures, run.calls = self.intercepted(run)
+                            self._waiting.append(run)
+                        else:
+                            outputs[run.index] = self._finish(run)
+                for run in self._collect(block=not self.sessions.has_unfinished()):
+                    outputs[run.index] = self._finish(run)
+        except BaseException:
+            self._abort_all()
+            raise
+        finally:
+            if self._pbar is not None:
+                self._pbar.close()
+        return outputs
+
+    def _finish(self, run: _Run) -> RequestOutput:
+        run.attach_engine_records()
+        if self._pbar is not None:
+            self._pbar.update(1)
+        return self.finished(run)
+
+    def _collect(self, block: bool) -> list[_Run]:
+        """Resume every session whose tools are done; returns those that ended instead."""
+        if block:
+            pending = [f for run in self._waiting for f in run.futures if not f.done()]
+            if pending:
+                concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        ended = []
+        for run in [r for r in self._waiting if all(f.done() for f in r.futures)]:
+            self._waiting.remove(run)
+            outcomes = [f.result() for f in run.futures]
+            run.futures = []
+            self.tools_done(run, outcomes)
+            if run.session.state is SessionState.FINISHED:  # no budget left after the result
+                ended.append(run)
+        return ended
+
+    def _abort_all(self) -> None:
+        for run in self._waiting:
+            for future in run.futures:
+                future.cancel()
+        for session in self.sessions.sessions.values():
+            self.sessions.abort(session)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    # ---- what subclasses define ---------------------------------------------
+
+    def intercepted(self, run: _Run) -> tuple[list[concurrent.futures.Future], list[Any]]:
+        """A session paused: start its tools; returns their futures and what each answers."""
+        raise NotImplementedError
+
+    def tools_done(self, run: _Run, outcomes: list[_Outcome]) -> None:
+        """Every tool of a paused session returned: resume it."""
+        raise NotImplementedError
+
+    def finished(self, run: _Run) -> RequestOutput:
+        """A session ended: its output."""
+        raise NotImplementedError
+
+
+class _Generation(_Driver):
+    """`LLM.generate` with augmentations: tool text goes inline after each call."""
+
+    def __init__(self, llm: "LLM", augmentations: Sequence[Augmentation], use_tqdm, total: int):
+        super().__init__(llm, use_tqdm, total)
+        self.augmentations = list(augmentations)
+        only = self.augmentations[0] if len(self.augmentations) == 1 else None
+        self.spec = InterceptSpec(
+            triggers=tuple(dict.fromkeys(a.end for a in self.augmentations)),
+            tool=only.name if only else None,
+            expected_duration_s=only.expected_duration_s if only else None,
+        )
+
+    def intercepted(self, run: _Run):
+        run.pieces.append(run.session.texts[-1])
+        call = find_call(run.prompt_text + "".join(run.pieces), self.augmentations)
+        if call is None:
+            return [], []  # nothing to call: the model goes on
+        aug, args = call
+        if args is None:
+            return [_failed(ValueError(f"no {aug.start!r} before {aug.end!r}"))], [call]
+        return [self.llm._tools.submit(aug.call, args)], [call]
+
+    def tools_done(self, run: _Run, outcomes: list[_Outcome]) -> None:
+        session = run.session
+        text, record = "", None
+        if run.calls:
+            (aug, args), outcome = run.calls[0], outcomes[0]
+            record = InterceptionRecord(aug.name, args, duration_s=outcome.duration_s)
+            if outcome.error is None:
+                text = record.result = _as_text(outcome.value)
+            else:
+                record.error = _describe(outcome.error)
+                record.result = _recover(aug.on_error, outcome.error)
+                text = record.result or ""
+            record.inserted_at_tokens = len(session.token_ids) - len(session.prompt_token_ids)
+            run.records.append(record)
+            run.pause_of_record.append(run.num_pauses - 1)
+        run.pieces.append(text)
+        self.sessions.resume(session, text=text, spec=self.spec)
+        if record is not None:
+            record.result_tokens = len(session.appended[-1])
+
+    def finished(self, run: _Run) -> RequestOutput:
+        session = run.session
+        texts = run.pieces + session.texts[run.num_pauses:]  # the last segment, unless it ended at a call
+        continuation = session.token_ids[len(session.prompt_token_ids):]
+        output = _request_output(session, run.prompt, session.prompt_token_ids, "".join(texts), continuation)
+        output.interceptions = run.records
+        return output
+
+
+class _Chat(_Driver):
+    """`LLM.chat` with tool functions: the whole tool loop, one session per conversation."""
+
+    def __init__(self, llm: "LLM", tools: list[dict] | None, tool_functions: dict[str, Callable],
+                 tool_parser: str, tool_call_end: str | None, on_error: ErrorHandler,
+                 chat_template: str | None, chat_template_kwargs: dict | None, use_tqdm, total: int):
+        from vllm.tool_parsers import ToolParserManager
+
+        super().__init__(llm, use_tqdm, total)
+        self.parser_cls = ToolParserManager.get_tool_parser(tool_parser)
+        end = tool_call_end or getattr(self.parser_cls, "tool_call_end_token", None)
+        if not end:
+            raise ValueError(f"tool parser {tool_parser!r} names no end marker; pass tool_call_end=")
+        self.spec = InterceptSpec(triggers=(end,))
+        self.tools, self.tool_functions, self.on_error = tools, tool_functions, on_error
+        self.template_kwargs = dict(chat_template_kwargs or {})
+        if chat_template is not None:
+            self.template_kwargs["chat_template"] = chat_template
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False,
+                                                  add_generation_prompt=True, **self.template_kwargs)
+
+    def start_conversation(self, messages: list[dict], params: SamplingParams,
+                           first_turn_params: SamplingParams | None) -> None:
+        text = self.render(messages)
+        run = self.start(self.tokenizer.encode(text, add_special_tokens=False), params, self.spec,
+                         text, first_params=first_turn_params)
+        run.messages = [dict(m) for m in messages]
+
+    def intercepted(self, run: _Run):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        turn_text = "".join(run.session.texts[run.turn_start:])
+        request = ChatCompletionRequest(messages=run.messages, tools=self.tools)
+        info = self.parser_cls(self.tokenizer).extract_tool_calls(turn_text, request)
+        if not info.tools_called:
+            return [], []  # not a call the parser reads: the model goes on with its turn
+        calls = [{"id": tc.id, "type": "function",
+                  "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+                 for tc in info.tool_calls]
+        run.messages.append({"role": "assistant", "content": info.content or "", "tool_calls": calls})
+        return [self._call(c["function"]) for c in calls], calls
+
+    def _call(self, function: dict) -> concurrent.futures.Future:
+        fn = self.tool_functions.get(function["name"])
+        if fn is None:
+            return _failed(KeyError(f"unknown tool {function['name']!r}"))
+        try:
+            args = json.loads(function["arguments"] or "{}")
+        except json.JSONDecodeError as exc:
+            return _failed(exc)
+        return self.llm._tools.submit(fn, **args) if isinstance(args, dict) else self.llm._tools.submit(fn, args)
+
+    def tools_done(self, run: _Run, outcomes: list[_Outcome]) -> None:
+        if not run.calls:
+            self.sessions.resume(run.session, token_ids=[], spec=self.spec, sampling_params=run.params)
+            return
+        records = []
+        for call, outcome in zip(run.calls, outcomes):
+            function = call["function"]
+            record = InterceptionRecord(function["name"], _loads(function["arguments"]),
+                                        duration_s=outcome.duration_s)
+            if outcome.error is None:
+                record.result = _as_text(outcome.value)
+            else:
+                record.error = _describe(outcome.error)
+                record.result = _recover(self.on_error, outcome.error) or ""
+            run.messages.append({"role": "tool", "tool_call_id": call["id"], "name": function["name"],
+                                 "content": record.result})
+            records.append(record)
+        self._continue(run)
+        for record in records:
+            record.result_tokens = len(run.session.appended[-1])
+            run.records.append(record)
+            run.pause_of_record.append(run.num_pauses - 1)
+        run.turn_start = len(run.session.segments)
+
+    def _continue(self, run: _Run) -> None:
+        """Resume with the conversation rendered anew.
+
+        The model's own tokens are kept when the rendering starts with their
+        text; otherwise the whole rendering replaces them, and the engine
+        reuses the KV of the common token prefix.
+        """
+        target = self.render(run.messages)
+        current = self.decode(run.session.token_ids)
+        if target.startswith(current):
+            tokens = self.tokenizer.encode(target[len(current):], add_special_tokens=False)
+            self.sessions.resume(run.session, token_ids=tokens, spec=self.spec, sampling_params=run.params)
+        else:
+            self.sessions.resume(run.session, spec=self.spec, sampling_params=run.params,
+                                 context_token_ids=self.tokenizer.encode(target, add_special_tokens=False))
+
+    def finished(self, run: _Run) -> RequestOutput:
+        session = run.session
+        answer_tokens = [t for segment in session.segments[run.turn_start:] for t in segment]
+        answer = "".join(session.texts[run.turn_start:])
+        context = session.token_ids[: len(session.token_ids) - len(answer_tokens)]
+        if len(session.segments) > run.turn_start:
+            run.messages.append({"role": "assistant", "content": answer})
+        output = _request_output(session, self.decode(context), context, answer, answer_tokens)
+        output.messages = run.messages
+        output.interceptions = run.records
+        return output
+
+
+def _request_output(session: Session, prompt: str | None, prompt_token_ids: list[int], text: str,
+                    token_ids: list[int]) -> RequestOutput:
+    last = session.last_output
+    completion = CompletionOutput(index=0, text=text, token_ids=list(token_ids), cumulative_logprob=None,
+                                  logprobs=None, finish_reason=session.finish_reason,
+                                  stop_reason=session.stop_reason)
+    return RequestOutput(session.session_id, prompt, list(prompt_token_ids), None, [completion],
+                         finished=True, kv_transfer_params=last.kv_transfer_params if last else None)
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _loads(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except (TypeError, json.JSONDecodeError):
+        return arguments
+
+
+class LLM(vllm.LLM):
+    """A drop-in for `vllm.LLM` whose requests pause for tools, keeping their place (InferCept).
+
+    Takes vLLM's engine arguments, plus InferCept's settings: the policy for
+    paused requests' KV cache, the CPU swap space, and the timeout after which
+    a paused request that was never resumed is dropped. `model` must be a
+    local folder (nothing is downloaded); None serves the embedded default
+    model.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, intercept_policy: str = "min-waste",
+                 swap_space_bytes: int | None = None, intercept_timeout_s: float | None = None,
+                 tool_workers: int | None = None, **kwargs: Any) -> None:
+        model = _local_model(model)
+        if kwargs.get("tokenizer") is not None:
+            _require_local(kwargs["tokenizer"], "tokenizer")
+        _hub_offline()
+        settings = {"swap_space_bytes": swap_space_bytes, "intercept_timeout_s": intercept_timeout_s}
+        self.intercept_config = InterceptConfig(
+            policy=intercept_policy, **{k: v for k, v in settings.items() if v is not None}
+        )
+        kwargs.update(self.intercept_config.engine_kwargs(kwargs))
+        super().__init__(model=str(model), **kwargs)
+        self._tools = _ToolRunner(tool_workers)
+        weakref.finalize(self, self._tools.shutdown)
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 augmentations: Sequence[Augmentation] | None = None, *, use_tqdm=True,
+                 **kwargs: Any) -> list[RequestOutput]:
+        """vLLM's `generate`; with `augmentations`, tools answer inline.
+
+        Each output's `outputs[0]` is then the whole continuation (the model's
+        tokens and the tools' tokens as they were fed; the text with each
+        result after its call), `max_tokens` counts the model's tokens only,
+        and `interceptions` lists one `InterceptionRecord` per call.
+        """
+        if not augmentations:
+            return super().generate(prompts, sampling_params, use_tqdm=use_tqdm, **kwargs)
+        _only(kwargs, {"tokenization_kwargs"}, "generate() with augmentations")
+        inputs = self._preprocess_cmpl(prompt_to_seq(prompts), kwargs.get("tokenization_kwargs"))
+        params = self._params_to_seq(sampling_params or self.get_default_sampling_params(), len(inputs))
+        driver = _Generation(self, augmentations, use_tqdm, len(inputs))
+        for engine_input, p in zip(inputs, params):
+            if engine_input.get("type") != "token":
+                raise ValueError("augmentations take text or token prompts only")
+            _check_params(p)
+            ids = list(engine_input["prompt_token_ids"])
+            run = driver.start(ids, p, driver.spec, engine_input.get("prompt") or driver.decode(ids))
+            run.prompt = engine_input.get("prompt")
+        return driver.run()
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm=True, *, tools: list[dict] | None = None,
+             tool_functions: dict[str, Callable] | None = None, tool_parser: str = "hermes",
+             tool_call_end: str | None = None, first_turn_params: SamplingParams | None = None,
+             on_error: ErrorHandler = tool_error_message, chat_template: str | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> list[RequestOutput]:
+        """vLLM's `chat`; with `tool_functions`, the whole tool loop of each conversation.
+
+        The model's tool calls (read by the vLLM tool parser `tool_parser`)
+        pause the request; `tool_functions[name](**arguments)` answers; the
+        conversation goes on until the model answers without a call. Each
+        output's prompt is the conversation as the model last saw it,
+        `outputs[0]` its final answer, `messages` the whole conversation,
+        `interceptions` one record per call. `first_turn_params` apply to the
+        first assistant turn only (e.g. structured outputs forcing a call).
+        """
+        if not tool_functions:
+            if first_turn_params is not None:
+                raise ValueError("first_turn_params needs tool_functions")
+            return super().chat(messages, sampling_params, use_tqdm, tools=tools, chat_template=chat_template,
+                                chat_template_kwargs=chat_template_kwargs, **kwargs)
+        _only(kwargs, set(), "chat() with tool_functions")
+        _check_error_handler(on_error)
+        conversations = conversation_to_seq(messages)
+        params = self._params_to_seq(sampling_params or self.get_default_sampling_params(),
+                                     len(conversations))
+        driver = _Chat(self, tools, tool_functions, tool_parser, tool_call_end, on_error,
+                       chat_template if chat_template is not None else self.chat_template,
+                       chat_template_kwargs, use_tqdm, len(conversations))
+        for conversation, p in zip(conversations, params):
+            driver.start_conversation(list(conversation), _for_parsing(p), _for_parsing(first_turn_params))
+        return driver.run()
+
+
+def _for_parsing(params: SamplingParams | None) -> SamplingParams | None:
+    """Tool-call markers may be special tokens: keep them in the text (as vLLM's serving does)."""
+    if params is None:
+        return None
+    _check_params(params)
+    params = params.clone()
+    params.skip_special_tokens = False
+    return params
+
+
+def _check_params(params: SamplingParams) -> None:
+    if params.n != 1:
+        raise ValueError("tool calls need n=1 (one sequence per prompt)")
+    if params.logprobs is not None or params.prompt_logprobs is not None:
+        raise ValueError("logprobs are not returned across tool calls; request them without tools")
+
+
+def _only(kwargs: dict[str, Any], allowed: set[str], where: str) -> None:
+    unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in allowed)
+    if unsupported:
+        raise TypeError(f"{where} does not take {', '.join(unsupported)}")
+
+
+def _local_model(model: str | os.PathLike | None) -> str:
+    if model is None:
+        from infercept.default_model import default_model_path
+
+        return str(default_model_path())
+    return _require_local(model, "model")
+
+
+def _require_local(path: str | os.PathLike, what: str) -> str:
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"{what} {str(path)!r} is not a local folder; InferCept never downloads models "
+            "(pass a folder with config.json, or model=None for the embedded default model)"
+        )
+    return str(path)
+
+
+def _hub_offline() -> None:
+    """No Hugging Face Hub access from this process, unless the environment says otherwise."""
+    import sys
+
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True

@@ -1,0 +1,52 @@
+"""vLLM endpoint plugin: InferCept's routes in vLLM's OpenAI-compatible server.
+
+Registered under `vllm.endpoint_plugins` (pyproject.toml) and allowlisted by
+`infercept serve` through `VLLM_PLUGINS`. Its engine side is the general
+plugin's `EngineCore.infercept` utility (patches/engine_core_utility.py), as
+vLLM's endpoint-plugin contract asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from infercept.server import routes
+
+
+@dataclass
+class OriginalEndpoint:
+    endpoint: object  # vLLM's endpoint function: (request_model, raw_request) -> Response
+    request_model: type
+
+
+class InterceptEndpoints:
+    name = "infercept"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        """During vLLM's `build_app`: keep vLLM's chat and completion endpoints, add ours."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        models = {routes.CHAT: ChatCompletionRequest, routes.COMPLETIONS: CompletionRequest}
+        originals = {}
+        for route in app.routes:
+            if isinstance(route, APIRoute) and route.path in models and "POST" in route.methods:
+                originals[route.path] = OriginalEndpoint(route.endpoint, models[route.path])
+        app.state.infercept_originals = originals
+        app.include_router(routes.router)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        """During vLLM's `init_app_state`: the intercept registry and metrics."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        from infercept.server.metrics import InterceptCollector
+        from infercept.server.service import InterceptService
+
+        service = InterceptService(engine_client, timeout_s=getattr(args, "intercept_timeout", 600.0))
+        state.infercept = service
+        service.start()
+        get_prometheus_registry().register(InterceptCollector(service))

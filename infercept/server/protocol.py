@@ -1,0 +1,93 @@
+"""The server's additions to the OpenAI protocol, and its errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class InterceptExtension(BaseModel):
+    """The `"infercept"` object a client may add to a chat or completion request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resume: str | None = Field(default=None, max_length=256,
+                               description="Intercept id to resume explicitly.")
+    triggers: list[str] | None = Field(default=None, max_length=16,
+                                       description="Strings that intercept the completion.")
+    intercept_after: int | None = Field(default=None, ge=1, le=1 << 20,
+                                        description="Intercept after this many generated tokens.")
+    tool: str | None = Field(default=None, max_length=256)
+    expected_duration_s: float | None = Field(default=None, ge=0, le=1e7)
+
+    @model_validator(mode="after")
+    def _check_triggers(self) -> "InterceptExtension":
+        if self.triggers is not None and any(not t or len(t) > 256 for t in self.triggers):
+            raise ValueError("each trigger must be a non-empty string of at most 256 characters")
+        return self
+
+
+class ResumeRequest(BaseModel):
+    """Body of `POST /v1/intercepts/{id}/resume`.
+
+    Sampling fields of a completion request may be given as overrides;
+    `max_tokens` is the total of the model's own tokens across all segments.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str | None = Field(default=None, max_length=1 << 20)
+    token_ids: list[int] | None = Field(default=None, max_length=1 << 20)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    infercept: InterceptExtension | None = None
+
+    @model_validator(mode="after")
+    def _check_result(self) -> "ResumeRequest":
+        if self.text is not None and self.token_ids is not None:
+            raise ValueError("give the tool's result as `text` or `token_ids`, not both")
+        if self.token_ids is not None and any(t < 0 for t in self.token_ids):
+            raise ValueError("token ids must be non-negative")
+        if self.infercept is not None and self.infercept.resume is not None:
+            raise ValueError("`infercept.resume` is implied by the URL")
+        return self
+
+
+class InterceptError(Exception):
+    def __init__(self, status: HTTPStatus, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param)
+
+
+_ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: "BadRequestError",
+    HTTPStatus.UNAUTHORIZED: "AuthenticationError",
+    HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.CONFLICT: "ConflictError",
+    HTTPStatus.UNPROCESSABLE_ENTITY: "UnprocessableEntityError",
+}
+
+
+def error_response(status: HTTPStatus, message: str, param: str | None = None) -> JSONResponse:
+    """An error in OpenAI's shape, as vLLM's own endpoints return it."""
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": _ERROR_TYPES.get(status, "Error"),
+                           "param": param, "code": int(status)}},
+    )
+
+
+def validation_message(error: ValidationError | ValueError) -> str:
+    if isinstance(error, ValidationError):
+        parts = []
+        for item in error.errors()[:5]:
+            where = ".".join(str(p) for p in item.get("loc", ())) or "body"
+            parts.append(f"{where}: {item.get('msg')}")
+        return "; ".join(parts)
+    return str(error)
