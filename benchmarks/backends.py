@@ -49,6 +49,7 @@ class StepReport:
     forwarded_tokens: int
     recomputed_tokens: int
     idle_device_tokens: int
+    used_device_tokens: int = 0  # KV tokens in device blocks that are in use
     done: list[SegmentDone] = field(default_factory=list)
 
 
@@ -66,10 +67,13 @@ class InProcessBackend:
 
     policy: str
 
-    def __init__(self, engine_kwargs: dict):
+    def __init__(self, engine_kwargs: dict | None = None, llm=None):
+        """Builds ``vllm.LLM(**engine_kwargs)``, or drives a given ``llm`` (not shut down
+        by ``close``)."""
         from vllm import LLM
 
-        self.llm = LLM(**engine_kwargs)
+        self.owns_engine = llm is None
+        self.llm = LLM(**engine_kwargs) if llm is None else llm
         self.engine = self.llm.llm_engine
         self.scheduler = self.engine.engine_core.engine_core.scheduler
 
@@ -77,6 +81,10 @@ class InProcessBackend:
     def kv_capacity_tokens(self) -> int:
         pool = self.scheduler.kv_cache_manager.block_pool
         return pool.num_gpu_blocks * self.scheduler.block_size
+
+    def used_device_tokens(self) -> int:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return (pool.num_gpu_blocks - pool.get_num_free_blocks()) * self.scheduler.block_size
 
     def has_work(self) -> bool:
         return self.scheduler.has_requests()
@@ -94,8 +102,9 @@ class InProcessBackend:
             raise RuntimeError("prefix cache not reset: requests are still in the engine")
 
     def close(self) -> None:
-        """Shut the engine down; vLLM allows one KV connector per process at a time."""
-        self.engine.engine_core.shutdown()
+        """Shut the engine down (if built here); vLLM allows one KV connector per process."""
+        if self.owns_engine:
+            self.engine.engine_core.shutdown()
         self.llm = self.engine = self.scheduler = None
         gc.collect()
 
@@ -109,8 +118,8 @@ class InProcessBackend:
 class StockBackend(InProcessBackend):
     policy = "vllm"
 
-    def __init__(self, engine_kwargs: dict):
-        super().__init__(engine_kwargs)
+    def __init__(self, engine_kwargs: dict | None = None, llm=None):
+        super().__init__(engine_kwargs, llm)
         self._requests: dict[str, Request] = {}
         self._context: dict[str, list[int]] = {}  # request id -> its tokens so far
         self._segment: dict[str, int] = {}  # request id -> index of its running segment
@@ -147,7 +156,8 @@ class StockBackend(InProcessBackend):
         outputs = self.engine.step()
         wall_s = time.perf_counter() - start_s
         forwarded, recomputed = self._probe.take()
-        report = StepReport(wall_s, forwarded, recomputed, idle_device_tokens=0)
+        report = StepReport(wall_s, forwarded, recomputed, idle_device_tokens=0,
+                            used_device_tokens=self.used_device_tokens())
         for output in outputs:
             if not output.finished:
                 continue
@@ -217,10 +227,10 @@ class _RecomputeProbe:
 class InterceptBackend(InProcessBackend):
     """InferCept's scheduler under ``policy`` (``unbounded`` runs as ``preserve``)."""
 
-    def __init__(self, engine_kwargs: dict, policy: str):
+    def __init__(self, policy: str, engine_kwargs: dict | None = None, llm=None):
         from infercept.entrypoints.sessions import SessionEngine
 
-        super().__init__(engine_kwargs)
+        super().__init__(engine_kwargs, llm)
         self.policy = policy
         self.sessions = SessionEngine(self.engine)
         self._requests: dict[str, Request] = {}
@@ -268,7 +278,8 @@ class InterceptBackend(InProcessBackend):
             wall_s,
             forwarded_tokens=stats["forwarded_tokens"] - self._last["forwarded_tokens"],
             recomputed_tokens=stats["recomputed_tokens"] - self._last["recomputed_tokens"],
-            idle_device_tokens=stats["idle_device_tokens"])
+            idle_device_tokens=stats["idle_device_tokens"],
+            used_device_tokens=self.used_device_tokens())
         self._last = stats
         for session in changed:
             finished = session.state is SessionState.FINISHED
@@ -293,6 +304,7 @@ class InterceptBackend(InProcessBackend):
 
 RESUME_PATH = "/v1/intercepts/{intercept_id}/resume"
 METRICS_POLL_S = 0.1
+METRICS_SETTLE_S = 2.5
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -373,6 +385,7 @@ class HttpReplay:
             for task in tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     raise task.exception()
+            await asyncio.sleep(METRICS_SETTLE_S)  # the server refreshes its counters each second
             after = parse_prometheus((await http.get("/metrics")).text)
         await self._client.close()
         return logs, before, after, events
@@ -416,14 +429,11 @@ class HttpReplay:
         return {"intercept_after": request.segments[index].generate_tokens,
                 "tool": request.augmentation}
 
-    @staticmethod
-    def _remaining_tokens(request: Request, index: int) -> int:
-        return sum(s.generate_tokens for s in request.segments[index:])
-
     async def _complete(self, request, context, index, log, spec=None):
-        """Stock: one segment as a whole-context completion. InferCept: the first segment."""
+        """Stock: one segment as a whole-context completion. InferCept: the first segment,
+        whose ``max_tokens`` is the session's budget (the model's tokens over all segments)."""
         max_tokens = (request.segments[index].generate_tokens if self.policy == "vllm"
-                      else self._remaining_tokens(request, index))
+                      else request.output_tokens)
         extra = {"ignore_eos": True, "return_token_ids": True}
         if spec is not None:
             extra["infercept"] = spec
@@ -446,7 +456,7 @@ class HttpReplay:
         if "intercept_id" not in intercept:
             raise RuntimeError(f"{request.request_id}: the server did not pause segment "
                                f"{index - 1} (no infercept.intercept_id in its response)")
-        body = {"token_ids": returned, "max_tokens": self._remaining_tokens(request, index)}
+        body = {"token_ids": returned, "max_tokens": request.output_tokens}
         spec = self._spec(request, index)
         if spec is not None:
             body["infercept"] = spec

@@ -65,6 +65,8 @@ class _Replay:
         self.forwarded_tokens = self.recomputed_tokens = self.num_steps = 0
         self.idle_events: list[tuple[float, int]] = []
         self.resume_lateness_s: list[float] = []
+        self.used_token_s = 0.0  # device KV in use, integrated over busy steps
+        self.used_tokens_max = 0
 
     def now_s(self) -> float:
         return self.clock() - self.t0
@@ -122,6 +124,8 @@ class _Replay:
             self.recompute_forward_s += (report.wall_s * report.recomputed_tokens
                                          / report.forwarded_tokens)
         self._sample_idle(report.idle_device_tokens)
+        self.used_token_s += report.used_device_tokens * report.wall_s
+        self.used_tokens_max = max(self.used_tokens_max, report.used_device_tokens)
         for done in report.done:
             state = self.progress[done.request_id]
             state.output_tokens += done.num_tokens
@@ -172,6 +176,8 @@ def replay(backend, trace: Trace, *, drain_s: float, clock: Callable[[], float] 
     details = {
         "engine": change,
         "num_steps": loop.num_steps,
+        "device_kv_used_tokens_mean_busy": loop.used_token_s / loop.forward_s if loop.forward_s else None,
+        "device_kv_used_tokens_max": loop.used_tokens_max,
         "elapsed_s": stopped_s,
         "resume_lateness_p50_s": lateness[len(lateness) // 2] if lateness else None,
         "resume_lateness_max_s": lateness[-1] if lateness else None,

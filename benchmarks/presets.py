@@ -69,9 +69,11 @@ class Preset:
 
     # ---- traces ------------------------------------------------------------
 
-    def trace(self, rate: float, vocab_size: int, excluded_token_ids=()) -> Trace:
-        """The workload at ``rate``: the same requests at every rate, arrivals scaled."""
-        num_requests = max(1, round(rate * self.duration_s))
+    def trace(self, rate: float, vocab_size: int, excluded_token_ids=(),
+              num_requests: int | None = None) -> Trace:
+        """The workload at ``rate`` (``rate * duration_s`` requests unless given): the same
+        requests at every rate, arrivals scaled."""
+        num_requests = num_requests or max(1, round(rate * self.duration_s))
         return generate_trace(self.workload, num_requests, rate, self.seed,
                               time_scale=self.time_scale, length_scale=self.length_scale,
                               max_context_tokens=self.max_context_tokens,

@@ -167,7 +167,7 @@ class Sweep:
 
         kwargs = self.engine_kwargs(policy)
         backend = (StockBackend(kwargs) if policy == "vllm"
-                   else InterceptBackend(kwargs, engine_policy(policy)))
+                   else InterceptBackend(policy, kwargs))
         with backend:
             backend.warm_up()
             for rate in self.preset.rates:

@@ -54,6 +54,11 @@ def apply_serve_defaults(args: argparse.Namespace, argv: list[str]) -> None:
             args.model_tag = str(default_model_path())
         except DefaultModelUnavailable as exc:  # a setup problem: its message, not a traceback
             raise SystemExit(f"infercept serve: error: {exc} (or name a model: infercept serve MODEL)") from None
+        if args.tool_call_parser is None:
+            # The embedded model's tool calls (forced by a named tool_choice)
+            # come out in hermes' <tool_call> format.
+            args.tool_call_parser = "hermes"
+            args.enable_auto_tool_choice = True
     if args.scheduler_cls not in (None, SCHEDULER_CLS):
         raise SystemExit(
             f"infercept serve runs its own scheduler ({SCHEDULER_CLS}); "

@@ -46,3 +46,26 @@ def transfer(kv_cache_manager, old_request_id: str, new_request_id: str) -> int:
 def block_ids(kv_cache_manager, request_id: str) -> list[int]:
     """The request's device block ids (the single KV cache group)."""
     return list(kv_cache_manager.get_block_ids(request_id)[0])
+
+
+def truncate(kv_cache_manager, request_id: str, num_tokens: int, block_size: int) -> int:
+    """Keep only the blocks that hold the request's first `num_tokens` tokens.
+
+    The block where the kept prefix ends is kept only if nobody else can read
+    it (not in the prefix cache, not shared): the tokens after the prefix will
+    be overwritten in it. Returns the number of tokens kept.
+    """
+    [manager] = kv_cache_manager.coordinator.single_type_managers
+    req_blocks = manager.req_to_blocks[request_id]
+    keep = -(-num_tokens // block_size)
+    if num_tokens % block_size:
+        last = req_blocks[keep - 1]
+        if last.block_hash is not None or last.ref_cnt > 1:
+            keep -= 1
+            num_tokens = keep * block_size
+    tail = req_blocks[keep:]
+    del req_blocks[keep:]
+    if request_id in manager.num_cached_block:
+        manager.num_cached_block[request_id] = min(manager.num_cached_block[request_id], keep)
+    kv_cache_manager.block_pool.free_blocks(reversed(tail))
+    return num_tokens

@@ -56,10 +56,10 @@ class InterceptSchedulerMixin:
         self._finished_kv: dict[str, int] = {}
         # Request id -> records of the interceptions its session went through.
         self._records: dict[str, list[dict]] = {}
-        # Paused requests by their front-end key, and by their first block's
-        # hash (to find the one a new prompt continues).
+        # Paused requests by their front-end key, and by their first tokens
+        # (to find the one a new prompt continues).
         self._keys: dict[str, str] = {}
-        self._by_first_block: dict = defaultdict(set)
+        self._by_prefix: dict[tuple[int, ...], set[str]] = defaultdict(set)
         # Key -> how the request of that key was admitted (bounded).
         self._admissions: dict[str, dict] = {}
         planner = getattr(self.connector, "planner", None)
@@ -94,10 +94,11 @@ class InterceptSchedulerMixin:
             request_id = self._keys.get(spec.resume, spec.resume)
             if request_id in self.intercepts:
                 return self._take_paused(request_id)
-        if not spec.auto_resume or not self.intercepts or not request.block_hashes:
+        prefix = _prefix_key(request.prompt_token_ids)
+        if not spec.auto_resume or not self.intercepts or prefix is None:
             return None
         best, best_len = None, 0
-        for request_id in self._by_first_block.get(request.block_hashes[0], ()):
+        for request_id in self._by_prefix.get(prefix, ()):
             paused = self.intercepts[request_id]
             common = blocks.common_prefix_len(
                 paused.request.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
@@ -110,11 +111,11 @@ class InterceptSchedulerMixin:
     def _take_paused(self, request_id: str) -> Interception:
         paused = self.intercepts.pop(request_id)
         self._keys.pop(paused.key, None)
-        hashes = paused.request.block_hashes
-        if hashes:
-            self._by_first_block[hashes[0]].discard(request_id)
-            if not self._by_first_block[hashes[0]]:
-                del self._by_first_block[hashes[0]]
+        prefix = _prefix_key(paused.request.all_token_ids)
+        if prefix is not None:
+            self._by_prefix[prefix].discard(request_id)
+            if not self._by_prefix[prefix]:
+                del self._by_prefix[prefix]
         return paused
 
     def _admit(self, spec: InterceptSpec, paused: Interception | None, reused_tokens: int) -> None:
@@ -215,8 +216,9 @@ class InterceptSchedulerMixin:
         )
         self.intercepts[request.request_id] = paused
         self._keys[paused.key] = request.request_id
-        if request.block_hashes:
-            self._by_first_block[request.block_hashes[0]].add(request.request_id)
+        prefix = _prefix_key(request.all_token_ids)
+        if prefix is not None:
+            self._by_prefix[prefix].add(request.request_id)
         self.policy_driver.paused(paused)
 
     # ---- resume ------------------------------------------------------------
@@ -234,14 +236,14 @@ class InterceptSchedulerMixin:
         if self.connector is not None:
             self.connector.on_new_request(request)
         reused = reusable
-        if paused.location is Location.DEVICE and reusable == paused.num_kv_tokens:
+        if paused.location is Location.DEVICE:
+            if reusable < paused.num_kv_tokens:
+                # Diverged (a chat template re-rendering the tool call): keep
+                # the common prefix's blocks, recompute the rest.
+                reused = blocks.truncate(self.kv_cache_manager, old.request_id, reusable,
+                                         self.block_size)
             blocks.transfer(self.kv_cache_manager, old.request_id, request.request_id)
-            request.num_computed_tokens = reusable
-        elif paused.location is Location.DEVICE:
-            # Diverged after the common prefix: its full blocks stay in the
-            # prefix cache, the rest is recomputed.
-            self.kv_cache_manager.free(old)
-            reused = reusable - reusable % self.block_size
+            request.num_computed_tokens = reused
         elif paused.location is Location.CPU:
             self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
         else:
@@ -395,6 +397,16 @@ class InterceptSchedulerMixin:
                 released.append(paused.request)
         others = [r for r in request_ids if r not in {p.request_id for p in released}]
         return released + (super().finish_requests(others, finished_status) if others else [])
+
+
+AUTO_RESUME_PREFIX_TOKENS = 8
+
+
+def _prefix_key(token_ids) -> tuple[int, ...] | None:
+    """The first tokens of a sequence: where a continuing prompt is looked up."""
+    if len(token_ids) < AUTO_RESUME_PREFIX_TOKENS:
+        return None
+    return tuple(token_ids[:AUTO_RESUME_PREFIX_TOKENS])
 
 
 class InterceptScheduler(InterceptSchedulerMixin, Scheduler):

@@ -96,14 +96,16 @@ def tool_error_message(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {exc}"
 
 
-def find_call(text: str, augmentations: Sequence[Augmentation]) -> tuple[Augmentation, str | None] | None:
+def find_call(text: str, augmentations: Sequence[Augmentation],
+              since: int = 0) -> tuple[Augmentation, str | None] | None:
     """The call that ends `text`: the augmentation whose end marker ends last (the
     longest on a tie), and the text between its last start marker and that end.
 
-    None when no end marker is in `text`; the arguments are None when no start
-    marker precedes the end.
+    None when no end marker ends after position `since` (the calls before it
+    were answered); the arguments are None when no start marker precedes the end.
     """
     ends = [(text.rfind(a.end) + len(a.end), len(a.end), a) for a in augmentations if a.end in text]
+    ends = [e for e in ends if e[0] > since]
     if not ends:
         return None
     end_pos, _, aug = max(ends, key=lambda e: (e[0], e[1]))
@@ -335,10 +337,13 @@ class _Generation(_Driver):
         )
 
     def intercepted(self, run: _Run):
+        answered = run.prompt_text + "".join(run.pieces)
         run.pieces.append(run.session.texts[-1])
-        call = find_call(run.prompt_text + "".join(run.pieces), self.augmentations)
+        call = find_call(answered + run.pieces[-1], self.augmentations, since=len(answered))
         if call is None:
-            return [], []  # nothing to call: the model goes on
+            # The trigger's text is not in this segment's output text (a special
+            # token skipped there, say): nothing new to call, the model goes on.
+            return [], []
         aug, args = call
         if args is None:
             return [_failed(ValueError(f"no {aug.start!r} before {aug.end!r}"))], [call]

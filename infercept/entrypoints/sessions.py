@@ -41,8 +41,9 @@ class Session:
     finish_reason: str | None = None
     stop_reason: Any = None
     engine_request_id: str | None = None
-    texts: list[str] = field(default_factory=list)  # the model's text per segment, as vLLM detokenized it
+    texts: list[str] = field(default_factory=list)  # the model's text per segment (see _segment_text)
     last_output: RequestOutput | None = None  # the latest segment's final output
+    keeps_stop_text: bool = False  # the running segment's text keeps its stopping token
 
     @property
     def num_generated(self) -> int:
@@ -133,6 +134,7 @@ class SessionEngine:
             # vLLM's detokenizer drops a stopped output's last token from the
             # text (it takes it for EOS); a paused segment keeps it.
             params.include_stop_str_in_output = True
+        session.keeps_stop_text = params.include_stop_str_in_output
         params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec.to_dict()}
         request_id = f"{session.session_id}/{len(session.segments)}"
         engine_id = self.engine.add_request(
@@ -142,17 +144,28 @@ class SessionEngine:
         self._by_request[engine_id] = session
         self._by_request[request_id] = session
 
-    def _stop_token_text(self, session: Session) -> str:
-        """The text of the token that paused the session, where vLLM left it out.
+    def _segment_text(self, session: Session, completion) -> str:
+        """A finished segment's text as vLLM gives it, but with the token that paused it.
 
-        Only a segment with stop strings lacks it: `_submit` keeps a paused
-        segment's last token in the text otherwise.
+        vLLM leaves a stopping token's text out (it takes it for EOS);
+        `_submit` has it kept where no stop strings forbid. So the pausing
+        token's text is added where it was left out, and an EOS or stop
+        token's text taken off where it was kept only for a pause.
         """
-        params = session.sampling_params
-        if params.include_stop_str_in_output or not params.stop or not session.segments[-1]:
+        text = completion.text
+        if completion.stop_reason == STOP_REASON:
+            return text if session.keeps_stop_text else text + self._last_token_text(session)
+        kept_for_pause = session.keeps_stop_text and not session.sampling_params.include_stop_str_in_output
+        if kept_for_pause and completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
+            last = self._last_token_text(session)
+            return text[: len(text) - len(last)] if last and text.endswith(last) else text
+        return text
+
+    def _last_token_text(self, session: Session) -> str:
+        if not session.segments[-1]:
             return ""
         tail = session.token_ids[-8:]
-        skip = params.skip_special_tokens
+        skip = session.sampling_params.skip_special_tokens
         text = self.tokenizer.decode(tail, skip_special_tokens=skip)
         before = self.tokenizer.decode(tail[:-1], skip_special_tokens=skip)
         return text[len(before):] if text.startswith(before) else ""
@@ -179,15 +192,13 @@ class SessionEngine:
             session.segments.append(tokens)
             session.output_token_ids.extend(tokens)
             session.token_ids.extend(tokens)
-            text = completion.text
+            session.texts.append(self._segment_text(session, completion))
             if completion.stop_reason == STOP_REASON:
                 session.state = SessionState.INTERCEPTED
-                text += self._stop_token_text(session)
             else:
                 session.state = SessionState.FINISHED
                 session.finish_reason = completion.finish_reason
                 session.stop_reason = completion.stop_reason
-            session.texts.append(text)
             changed.append(session)
         return changed
 

@@ -96,3 +96,24 @@ def test_resume_with_changed_max_tokens(intercept_llm, stock, policy):
     # max_tokens counts the model's own tokens across all segments.
     assert [len(seg) for seg in sessions[0].segments] == [8, 22]
     check_equivalent(stock, sessions)
+
+
+@pytest.mark.parametrize("policy", ["preserve", "swap", "discard"])
+@pytest.mark.parametrize("keep", [70, 96, 101])  # inside a block, at a boundary, past the prompt
+def test_resume_whose_prompt_diverges(intercept_llm, stock, policy, keep):
+    """A resume may re-render the conversation: the common prefix is reused, the rest recomputed."""
+    from test_abort_and_triggers import pause_one
+    from vllm import SamplingParams
+
+    from infercept.adapter.interception import InterceptSpec
+
+    llm = intercept_llm(policy)
+    engine, session = pause_one(llm, InterceptSpec(intercept_after=8), prompt=list(range(40, 140)))
+    engine.step()  # the policy acts on the paused request
+    prompt = session.token_ids[:keep] + [7, 8, 9, 10, 11]
+    resumed = engine.start(prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+                           InterceptSpec(resume=session.engine_request_id), session_id="diverged")
+    while engine.has_unfinished():
+        engine.step()
+    assert resumed.output_token_ids == stock.generate([prompt], 20)[0]
+    assert not llm.llm_engine.engine_core.engine_core.scheduler.intercepts
