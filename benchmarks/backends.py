@@ -456,10 +456,9 @@ class HttpReplay:
         if "intercept_id" not in intercept:
             raise RuntimeError(f"{request.request_id}: the server did not pause segment "
                                f"{index - 1} (no infercept.intercept_id in its response)")
-        body = {"token_ids": returned, "max_tokens": request.output_tokens}
-        spec = self._spec(request, index)
-        if spec is not None:
-            body["infercept"] = spec
+        # The last segment sends an empty spec: without one the server reuses the last.
+        body = {"token_ids": returned, "max_tokens": request.output_tokens,
+                "infercept": self._spec(request, index) or {}}
         path = RESUME_PATH.format(intercept_id=intercept["intercept_id"])
         response = await self._http.post(path, json=body)
         response.raise_for_status()

@@ -239,5 +239,9 @@ def replay_http(base_url: str, model: str, policy: str, trace: Trace, *,
         forwarded_tokens=forwarded, recomputed_tokens=recomputed,
         idle_kv_events=tuple(idle_events), kv_capacity_tokens=kv_capacity_from_metrics(after),
         swapped_out_bytes=swapped_out, swapped_in_bytes=swapped_in)
-    details = {"backend": "http", "output_token_mismatches": _mismatches(trace, records)}
+    decisions = {labels["strategy"]: value - (metric_sum(before, name, **labels) or 0)
+                 for name, labels, value in after
+                 if name == "infercept:decisions_total" and "strategy" in labels}
+    details = {"backend": "http", "output_token_mismatches": _mismatches(trace, records),
+               "engine": {"decisions": {k: v for k, v in decisions.items() if v}}}
     return RunResult(policy, trace.rate, records, counters, details)

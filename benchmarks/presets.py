@@ -3,8 +3,11 @@
 - ``cpu-quick``: two CPU cores, under 15 minutes. A random Llama (hidden 768, 8 layers,
   float32) whose forward time grows with the tokens in a step (prefill ~0.6 ms/token
   against a ~10 ms decode step, one thread), the paper's six-workload mix with contexts
-  divided by 6 and tool durations by 20, and a KV cache of 30% of the contexts that are live
-  at the reference rate, so paused requests really compete for memory.
+  divided by 6 and tool durations by 10, a 15-second arrival window, and a KV cache of 30%
+  of the contexts live at 3 requests/s (~800 tokens: the running batch and a few paused
+  contexts), so paused requests really compete for memory. One OpenMP thread: with two, an
+  engine on a shared two-core machine stalls whenever another process holds a core
+  (measured: steps 5-20x slower and erratic).
 - ``gpu-paper``: the paper's scale for one GPU: a 6B-class Llama (GPT-J-6B's hidden size and
   depth, multi-head attention) with random weights, contexts and tool durations unscaled, a
   10-minute arrival window, rates up to a few requests per second. Not run on the CPU machines.
@@ -134,12 +137,12 @@ CPU_QUICK = Preset(
     name="cpu-quick",
     model=ModelShape(hidden_size=768, num_layers=8, intermediate_size=2048, num_kv_heads=6,
                      max_position_embeddings=2048),
-    rates=(1.0, 2.0, 3.0, 4.0, 5.0),
+    rates=(1.0, 1.5, 2.0, 3.0, 4.0),
     slo_p90_s_per_token=0.1,
-    duration_s=20.0,
+    duration_s=15.0,
     drain_s=30.0,
     length_scale=1 / 6,
-    time_scale=1 / 20,
+    time_scale=1 / 10,
     max_context_tokens=480,
     kv_fraction_of_live=0.3,
     reference_rate=3.0,

@@ -327,6 +327,11 @@ class InterceptSchedulerMixin:
     def infercept_stats(self) -> dict:
         return self.policy_driver.snapshot()
 
+    def infercept_set_cost_model(self, data: dict) -> None:
+        from infercept.policy import CostModel
+
+        self.policy_driver.set_cost_model(CostModel.from_dict(data))
+
     def infercept_state(self, key: str) -> dict | None:
         """A paused request's state by its key (None: not paused)."""
         request_id = self._keys.get(key)

@@ -519,7 +519,7 @@ class LLM(vllm.LLM):
     paused requests' KV cache, the CPU swap space, and the timeout after which
     a paused request that was never resumed is dropped. `model` must be a
     local folder (nothing is downloaded); None serves the embedded default
-    model.
+    model. `tool_workers` caps the threads that run plain-function tools.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, intercept_policy: str = "min-waste",

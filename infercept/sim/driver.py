@@ -20,7 +20,8 @@ check both give the same run):
   unless the estimator learns a duration of that tool (which makes it due again).
 - "discard" and "swap" decide once, at the first plan after a pause.
 - "preserve" changes nothing unless the batch needs device memory
-  (``device_tokens_needed > 0``).
+  (``device_tokens_needed > 0``), and then only evicts its latest first arrivals until
+  their contexts cover the need: only those are passed.
 - "ttl" changes nothing unless under pressure or a preserved request's time-to-live ran
   out (checked against the earliest expiry, recomputed when the estimator learns).
 - Only "min-waste" and "ttl" read the duration estimator, so only they teach it.
@@ -94,7 +95,11 @@ class PolicyDriver:
         if self._uses_ttl and now >= self._earliest_expiry_s(device):
             return device, None
         batch = engine.batch_state()
-        return (device if batch.device_tokens_needed > 0 else []), batch
+        if batch.device_tokens_needed == 0:
+            return [], batch
+        if self.policy.name == "preserve":
+            return _latest_first_until(device, batch.device_tokens_needed), batch
+        return device, batch
 
     def _min_waste_candidates(self, engine: "Engine", device: list, now: float):
         swapped = engine.intercepted_on(Location.CPU)
@@ -115,7 +120,7 @@ class PolicyDriver:
         return device + soon, batch
 
     def _remaining_s(self, request: "SimRequest", now: float) -> float:
-        return self.estimator.remaining_s(request.session.tool, now - request.paused_at_s)
+        return self.estimator.remaining_s(request.tool, now - request.paused_at_s)
 
     @staticmethod
     def _schedule_check(engine: "Engine", request: "SimRequest", now: float,
@@ -126,13 +131,20 @@ class PolicyDriver:
 
     def _earliest_expiry_s(self, device) -> float:
         if self._next_expiry_s is None:
-            expiries = [r.paused_at_s + ttl_s for r in device
-                        if (ttl_s := self.estimator.ttl_s(r.session.tool)) is not None]
-            self._next_expiry_s = min(expiries, default=math.inf)
+            ttl_by_tool: dict[str, float | None] = {}
+            earliest_s = math.inf
+            for request in device:
+                tool = request.tool
+                if tool not in ttl_by_tool:
+                    ttl_by_tool[tool] = self.estimator.ttl_s(tool)
+                ttl_s = ttl_by_tool[tool]
+                if ttl_s is not None:
+                    earliest_s = min(earliest_s, request.paused_at_s + ttl_s)
+            self._next_expiry_s = earliest_s
         return self._next_expiry_s
 
     def _view(self, request: "SimRequest", now: float) -> Intercepted:
-        tool = request.session.tool
+        tool = request.tool
         elapsed_s = now - request.paused_at_s
         return Intercepted(
             request_id=request.key,
@@ -166,13 +178,30 @@ class PolicyDriver:
         never read an estimate (their plans do not depend on it), as it is costly."""
         if not (self._uses_cpu or self._uses_ttl):
             return
-        tool = request.session.tool
+        tool = request.tool
         self.estimator.observe(tool, now - request.paused_at_s)
         if self._uses_ttl:
             self._next_expiry_s = None
         if self._uses_cpu:  # estimates of this tool (and of tools without history) moved
             self._observed_tools.add(tool)
             for other in engine.intercepted_on(Location.CPU):
-                other_tool = other.session.tool
+                other_tool = other.tool
                 if other_tool == tool or other_tool not in self._observed_tools:
                     other.next_check_s = now
+
+
+def _latest_first_until(device: list["SimRequest"], needed_tokens: int) -> list["SimRequest"]:
+    """The preserved requests that preserve evicts under pressure: latest first arrival
+    first, until their contexts cover ``needed_tokens``; the others stay as they are."""
+    chosen, freed_tokens = [], 0
+    for request in sorted(device, key=_order_key, reverse=True):
+        if freed_tokens >= needed_tokens:
+            break
+        chosen.append(request)
+        freed_tokens += request.kv_tokens
+    return chosen
+
+
+def _order_key(request: "SimRequest") -> tuple[float, str]:
+    return (request.arrival_s, request.key)
+

@@ -64,13 +64,14 @@ class SimRequest:
     back. ``seq`` numbers admissions into the running batch (its order there).
     """
 
-    __slots__ = ("session", "key", "arrival_s", "num_tokens", "num_computed", "num_blocks",
+    __slots__ = ("session", "key", "tool", "arrival_s", "num_tokens", "num_computed", "num_blocks",
                  "generated", "target", "dec_base", "end_iter", "seq", "decoding",
                  "location", "paused_at_s", "kv_tokens", "cpu_blocks", "next_check_s")
 
     def __init__(self, session: Session, arrival_s: float) -> None:
         self.session = session
         self.key = session.request_id
+        self.tool = session.tool
         self.arrival_s = arrival_s
         self.num_tokens = session.context_tokens
         self.num_computed = 0

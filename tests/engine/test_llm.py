@@ -28,6 +28,7 @@ from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 
 from infercept import LLM, Augmentation
+from infercept.adapter.scheduler import InterceptSchedulerMixin
 from infercept.entrypoints.llm import _ToolRunner, find_call
 
 MAX_TOKENS = 40
@@ -172,7 +173,10 @@ def test_tool_runner_times_sync_and_async_calls_and_keeps_errors():
 
 def test_generate_without_augmentations_is_vllm(intercept_llm, stock):
     llm = intercept_llm("min-waste")
-    assert isinstance(llm, LLM)
+    assert isinstance(llm, LLM)  # the live engine is built through infercept.LLM
+    settings = llm.llm_engine.vllm_config.additional_config["infercept"]
+    assert (settings["policy"], settings["swap_space_bytes"]) == ("swap", 64 << 20)
+    assert isinstance(llm.llm_engine.engine_core.engine_core.scheduler, InterceptSchedulerMixin)
     prompts = random_prompts(6, seed=3)
     want = stock.generate(prompts, MAX_TOKENS)
     for augmentations in (None, []):
@@ -211,8 +215,10 @@ def test_augmentations_that_never_fire_give_vllms_output(intercept_llm, stock):
     assert want[0].outputs[0].stop_reason == stop_token
 
 
-@pytest.mark.parametrize("policy", ["preserve", "swap", "discard", "min-waste", "vllm"])
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind, policy", [
+    *[("sync", policy) for policy in ("preserve", "swap", "discard", "min-waste", "vllm")],
+    ("async", "swap"),
+])
 def test_callbacks_answer_inline(intercept_llm, stock, markers, policy, kind):
     llm = intercept_llm(policy)
     start, end = markers
