@@ -32,6 +32,10 @@ from benchmarks.metrics import EngineCounters, RequestRecord
 from benchmarks.workload import Request, Trace
 
 
+# Events this close to now count as due: a sleep until a due time may wake a hair short of it.
+_DUE_SLACK_S = 1e-6
+
+
 @dataclass
 class RunResult:
     policy: str
@@ -77,7 +81,8 @@ class _Replay:
         next_arrival = 0
         while True:
             now = self.now_s()
-            while next_arrival < len(self.arrivals) and self.arrivals[next_arrival].arrival_s <= now:
+            due_s = now + _DUE_SLACK_S
+            while next_arrival < len(self.arrivals) and self.arrivals[next_arrival].arrival_s <= due_s:
                 self._start(self.arrivals[next_arrival])
                 next_arrival += 1
             self._resume_due(now)
@@ -103,7 +108,7 @@ class _Replay:
 
     def _resume_due(self, now: float) -> None:
         resumed = False
-        while self.tools and self.tools[0][0] <= now:
+        while self.tools and self.tools[0][0] <= now + _DUE_SLACK_S:
             due_s, request_id = heapq.heappop(self.tools)
             state = self.progress[request_id]
             state.tool_s_total += now - state.paused_at_s

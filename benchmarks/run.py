@@ -29,7 +29,7 @@ from pathlib import Path
 from benchmarks.driver import RunResult, replay, replay_http
 from benchmarks.metrics import (RunMetrics, compute_run_metrics, meets_slo, summarize,
                                 write_summary)
-from benchmarks.presets import PRESETS, Preset, live_context_tokens
+from benchmarks.presets import POLICIES, PRESETS, Preset, live_context_tokens
 from benchmarks.random_model import build_random_model, special_token_ids
 from benchmarks.workload import Trace
 
@@ -44,12 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="two rates, half the window")
     parser.add_argument("--rates", type=_floats, default=None, help="e.g. 1,2,4 (requests/s)")
     parser.add_argument("--policies", type=_names, default=None,
-                        help="comma-separated, of: " + ", ".join(PRESETS["cpu-quick"].policies))
+                        help="comma-separated, of: " + ", ".join(POLICIES))
     parser.add_argument("--duration", type=float, default=None, help="arrival window (s)")
     parser.add_argument("--threads", type=int, default=None, help="OpenMP threads per engine")
     parser.add_argument("--backend", choices=("inprocess", "http"), default="inprocess")
     parser.add_argument("--full-sweep", action="store_true",
                         help="run every rate, also past a policy's first SLO miss")
+    parser.add_argument("--from-runs", action="store_true",
+                        help="run nothing: rewrite the summary and plots from --out's runs/")
     return parser.parse_args(argv)
 
 
@@ -67,7 +69,7 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
         preset = preset.quick()
     preset = preset.with_overrides(rates=args.rates, policies=args.policies,
                                    duration_s=args.duration, threads=args.threads)
-    unknown = set(preset.policies) - set(PRESETS["cpu-quick"].policies)
+    unknown = set(preset.policies) - set(POLICIES)
     if unknown:
         raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
     return preset
@@ -90,6 +92,7 @@ class Sweep:
         self.preset, self.out_dir = preset, Path(out_dir)
         self.backend, self.full_sweep = backend, full_sweep
         self.results: dict[str, dict[float, RunMetrics]] = {}
+        self.loads: dict[str, list[float]] = {}  # policy -> load averages seen by its runs
 
     def run(self) -> dict:
         from tqdm import tqdm
@@ -105,7 +108,16 @@ class Sweep:
                     bar.set_postfix(rate=rate, p90_ms=_ms(metrics.normalized_latency_p90_s_per_token))
                     bar.update()
                 bar.update(len(rates) - len(self.results[policy]))
-        return self._write_outputs()
+        return self.write_outputs()
+
+    def load_runs(self) -> None:
+        """The metrics (and load averages) of the runs saved in ``out_dir/runs``."""
+        bodies = [json.loads(p.read_text()) for p in sorted((self.out_dir / "runs").glob("*.json"))]
+        order = {policy: i for i, policy in enumerate(self.preset.policies)}
+        for body in sorted(bodies, key=lambda b: (order.get(b["policy"], len(order)), b["rate"])):
+            policy = body["policy"]
+            self.results.setdefault(policy, {})[body["rate"]] = RunMetrics(**body["metrics"])
+            self.loads.setdefault(policy, []).extend(body["details"].get("load_average_1min", []))
 
     # ---- set-up ------------------------------------------------------------
 
@@ -177,6 +189,7 @@ class Sweep:
                                 drain_s=self.preset.drain_s)
                 result.policy = policy
                 result.details["load_average_1min"] = [load_before, os.getloadavg()[0]]
+                self.loads.setdefault(policy, []).extend(result.details["load_average_1min"])
                 yield result
 
     def _http_runs(self, policy: str):
@@ -197,6 +210,7 @@ class Sweep:
                            else self.kv_cache_tokens))]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.preset.threads)}
         with ServerProcess(command, self.out_dir / f"server-{policy}.log", env) as server:
+            _warm_up_server(server.base_url, self.model_path)
             for rate in self.preset.rates:
                 result = replay_http(server.base_url, self.model_path, policy,
                                      Trace.load(self.trace_paths[rate]), drain_s=self.preset.drain_s)
@@ -215,13 +229,15 @@ class Sweep:
 
     # ---- outputs -------------------------------------------------------------
 
-    def _write_outputs(self) -> dict:
+    def write_outputs(self) -> dict:
         from benchmarks.plots import plot_latency_vs_rate, plot_recompute_and_waste
 
         slo = self.preset.slo_p90_s_per_token
         write_summary(self.results, slo, self.out_dir)
         summary = summarize(self.results, slo)
         summary["headline"] = headline(summary)
+        summary["headline"]["load_average_1min"] = {
+            policy: [min(loads), max(loads)] for policy, loads in self.loads.items() if loads}
         (self.out_dir / "headline.json").write_text(json.dumps(summary["headline"], indent=2) + "\n")
         with open(self.out_dir / "summary.md", "a") as md:
             md.write("\n" + headline_markdown(summary["headline"]))
@@ -229,6 +245,14 @@ class Sweep:
         plot_latency_vs_rate(summary, self.out_dir / "latency_vs_rate.png", title=title)
         plot_recompute_and_waste(summary, self.out_dir / "recompute_waste.png")
         return summary
+
+
+def _warm_up_server(base_url: str, model: str) -> None:
+    import httpx
+
+    body = {"model": model, "prompt": [5 + i % 97 for i in range(96)], "max_tokens": 8,
+            "temperature": 0.0, "ignore_eos": True}
+    httpx.post(f"{base_url}/v1/completions", json=body, timeout=300.0).raise_for_status()
 
 
 def engine_policy(policy: str) -> str:
@@ -249,29 +273,41 @@ def _ms(seconds: float | None) -> str:
 # ---------------------------------------------------------------------------- headline
 
 def headline(summary: dict) -> dict:
-    """min-waste's sustainable rate against the others', and the shares at a common rate."""
+    """min-waste's sustainable rate against the others', and the shares at a common rate.
+
+    A policy that misses the SLO at the lowest rate L has no sustainable rate; the ratio
+    is then bounded: min-waste's rate / L from below (or L / the other's from above)."""
     policies = summary["policies"]
     rate = {name: entry["sustainable_rate"] for name, entry in policies.items()}
+    lowest = min((run["rate"] for e in policies.values() for run in e["runs"]), default=None)
     ours = rate.get("min-waste")
 
-    def ratio(other: float | None) -> float | None:
-        return None if ours is None or not other else ours / other
+    def compare(other: str | None) -> dict | None:
+        if other is None or other not in rate or "min-waste" not in rate:
+            return None
+        theirs = rate[other]
+        if ours and theirs:
+            return {"ratio": ours / theirs}
+        if ours:
+            return {"ratio": None, "at_least": ours / lowest}
+        if theirs:
+            return {"ratio": None, "at_most": lowest / theirs}
+        return {"ratio": None}
 
-    fixed = {p: rate[p] for p in FIXED_POLICIES if p in rate}
-    best_fixed = max(fixed, key=lambda p: fixed[p] or 0.0) if fixed else None
-    out = {"sustainable_rate": rate, "best_fixed_policy": best_fixed,
-           "min_waste_vs": {"vllm": ratio(rate.get("vllm")),
-                            "best_fixed": ratio(fixed.get(best_fixed)) if best_fixed else None,
-                            "ttl": ratio(rate.get("ttl")),
-                            "unbounded": ratio(rate.get("unbounded"))}}
+    fixed = {p: rate[p] or 0.0 for p in FIXED_POLICIES if p in rate}
+    best = max(fixed.values(), default=None)
+    tied = [p for p, value in fixed.items() if value == best]
+    out = {"sustainable_rate": rate, "best_fixed_policies": tied,
+           "min_waste_vs": {"vllm": compare("vllm"),
+                            "best_fixed": compare(tied[0] if tied else None),
+                            "ttl": compare("ttl"), "unbounded": compare("unbounded")}}
     from benchmarks.plots import common_rate
 
     at = common_rate(summary)
     out["at_rate"] = at
-    out["recompute_share_of_forward_time"] = _at(policies, at, "recompute_share_of_forward_time")
-    out["recompute_share_of_forwarded_tokens"] = _at(policies, at,
-                                                     "recompute_share_of_forwarded_tokens")
-    out["memory_waste_fraction"] = _at(policies, at, "memory_waste_fraction")
+    for key in ("recompute_share_of_forward_time", "recompute_share_of_forwarded_tokens",
+                "memory_waste_fraction"):
+        out[key] = _at(policies, at, key)
     return out
 
 
@@ -284,16 +320,32 @@ def headline_markdown(head: dict) -> str:
     def fmt(value, pattern="{:.2f}"):
         return "-" if value is None else pattern.format(value)
 
+    def ratio(entry: dict | None) -> str:
+        if not entry:
+            return "-"
+        if entry["ratio"] is not None:
+            return fmt(entry["ratio"])
+        if "at_least" in entry:
+            return f"> {fmt(entry['at_least'])} (the other missed the SLO at the lowest rate)"
+        if "at_most" in entry:
+            return f"< {fmt(entry['at_most'])} (min-waste missed the SLO at the lowest rate)"
+        return "- (both missed the SLO at the lowest rate)"
+
     lines = ["| min-waste vs | ratio of sustainable rates |", "|---|---|"]
-    for name, value in head["min_waste_vs"].items():
-        label = f"best fixed ({head['best_fixed_policy']})" if name == "best_fixed" else name
-        lines.append(f"| {label} | {fmt(value)} |")
+    for name, entry in head["min_waste_vs"].items():
+        label = f"best fixed ({', '.join(head['best_fixed_policies'])})" if name == "best_fixed" else name
+        lines.append(f"| {label} | {ratio(entry)} |")
     lines += ["", f"At {fmt(head['at_rate'], '{:g}')} req/s:", "",
-              "| policy | recompute (time) | recompute (tokens) | memory waste |", "|---|---|---|---|"]
+              "| policy | recompute (time) | recompute (tokens) | memory waste | load average |",
+              "|---|---|---|---|---|"]
     for name in head["recompute_share_of_forward_time"]:
+        load = head.get("load_average_1min", {}).get(name)
         lines.append(f"| {name} | {fmt(head['recompute_share_of_forward_time'][name], '{:.1%}')} "
                      f"| {fmt(head['recompute_share_of_forwarded_tokens'][name], '{:.1%}')} "
-                     f"| {fmt(head['memory_waste_fraction'][name], '{:.2%}')} |")
+                     f"| {fmt(head['memory_waste_fraction'][name], '{:.2%}')} "
+                     f"| {'-' if load is None else f'{load[0]:.1f}-{load[1]:.1f}'} |")
+    lines += ["", "Load average: the machine's 1-minute load over the policy's runs "
+              "(min-max; this many runnable processes shared the cores)."]
     return "\n".join(lines) + "\n"
 
 
@@ -303,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_process(preset.threads)
     out_dir = args.out or Path("results") / preset.name
     sweep = Sweep(preset, out_dir, backend=args.backend, full_sweep=args.full_sweep)
-    sweep.run()
+    if args.from_runs:
+        sweep.load_runs()
+        sweep.write_outputs()
+    else:
+        sweep.run()
     print((out_dir / "summary.md").read_text())
     return 0
 

@@ -64,14 +64,19 @@ class InterceptConfig:
         `existing` holds the user's own engine arguments: their
         `additional_config` is kept, and a KV connector of their own conflicts.
         """
+        from infercept.adapter.profiler import WORKER_EXTENSION
         from infercept.adapter.scheduler import SCHEDULER_CLS
 
         existing = existing or {}
+        if existing.get("worker_extension_cls") not in (None, "", WORKER_EXTENSION):
+            raise ValueError("InferCept sets vLLM's worker_extension_cls (its profiler); "
+                             "another worker extension cannot be combined with it.")
         additional = dict(existing.get("additional_config") or {})
         additional[ADDITIONAL_CONFIG_KEY] = self.to_dict()
         kwargs: dict[str, Any] = {
             "scheduler_cls": SCHEDULER_CLS,
             "additional_config": additional,
+            "worker_extension_cls": WORKER_EXTENSION,
         }
         if self.uses_connector:
             if existing.get("kv_transfer_config") is not None:
@@ -93,6 +98,7 @@ class InterceptConfig:
         existing = {
             "additional_config": getattr(args, "additional_config", None),
             "kv_transfer_config": getattr(args, "kv_transfer_config", None),
+            "worker_extension_cls": getattr(args, "worker_extension_cls", None),
         }
         for key, value in self.engine_kwargs(existing).items():
             if key == "kv_transfer_config":

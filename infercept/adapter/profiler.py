@@ -27,6 +27,17 @@ REPEATS = 15
 SWAP_BLOCKS = 8
 
 
+class ProfilerWorkerExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`): the profiler's RPC method."""
+
+    def infercept_measure(self, token_counts: list[int], repeats: int, swap_blocks: int) -> dict:
+        return measure_on_worker(self, token_counts, repeats, swap_blocks)
+
+
+WORKER_EXTENSION = f"{__name__}.ProfilerWorkerExtension"
+MEASURE_METHOD = "infercept_measure"
+
+
 def measure_on_worker(worker, token_counts: list[int], repeats: int, swap_blocks: int) -> dict:
     """Runs in each worker: median forward time per token count, swap time per block."""
     import torch
@@ -202,7 +213,7 @@ def profile_llm(llm) -> tuple[CostModel, str]:
     config = InterceptConfig.from_vllm_config(vllm_config)
     known = known_cost_model(config, vllm_config, base)
     if known is None:
-        measured = llm.collective_rpc(measure_on_worker, args=measurement_args(vllm_config))
+        measured = llm.collective_rpc(MEASURE_METHOD, args=measurement_args(vllm_config))
         known = measured_cost_model(measured, vllm_config, base), "profiled"
     engine_call(engine, "set_cost_model", known[0].to_dict())
     return known

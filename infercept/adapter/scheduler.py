@@ -34,6 +34,7 @@ from infercept.adapter.interception import (
 from infercept.adapter.policy_driver import PolicyDriver
 from infercept.config import InterceptConfig
 from infercept.policy.types import Location
+from infercept.policy.waste import recompute_chunk_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +276,24 @@ class InterceptSchedulerMixin:
         """
         if self.intercepts:
             self.policy_driver.step()
-        return super().schedule(*args, **kwargs)
+        cap = self._recompute_chunk_cap()
+        if cap is None:
+            return super().schedule(*args, **kwargs)
+        # Recomputation rides along with decoding: while a resumed request
+        # recomputes, prefill chunks fill the step only up to saturation.
+        config = self.scheduler_config
+        saved = config.long_prefill_token_threshold
+        config.long_prefill_token_threshold = min(saved, cap) if saved else cap
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            config.long_prefill_token_threshold = saved
+
+    def _recompute_chunk_cap(self) -> int | None:
+        # A mark lives until its request has recomputed past it.
+        if self.policy_driver.config.policy != "min-waste" or not self._recompute_marks:
+            return None
+        return recompute_chunk_tokens(self.policy_driver.cost, len(self.running))
 
     def _update_after_schedule(self, scheduler_output) -> None:
         """Override of `Scheduler._update_after_schedule` (end of every `schedule()`).

@@ -33,6 +33,7 @@ from vllm import CompletionOutput, RequestOutput, SamplingParams
 from vllm.renderers.inputs.preprocess import conversation_to_seq, prompt_to_seq
 
 from infercept.adapter.interception import InterceptSpec
+from infercept.adapter.profiler import profile_llm
 from infercept.config import InterceptConfig
 from infercept.entrypoints.sessions import Session, SessionEngine, SessionState
 
@@ -524,17 +525,23 @@ class LLM(vllm.LLM):
 
     def __init__(self, model: str | os.PathLike | None = None, *, intercept_policy: str = "min-waste",
                  swap_space_bytes: int | None = None, intercept_timeout_s: float | None = None,
+                 cost_profile: str | None = None, profile_at_startup: bool = True,
                  tool_workers: int | None = None, **kwargs: Any) -> None:
         model = _local_model(model)
         if kwargs.get("tokenizer") is not None:
             _require_local(kwargs["tokenizer"], "tokenizer")
         _hub_offline()
-        settings = {"swap_space_bytes": swap_space_bytes, "intercept_timeout_s": intercept_timeout_s}
+        settings = {"swap_space_bytes": swap_space_bytes, "intercept_timeout_s": intercept_timeout_s,
+                    "cost_profile": cost_profile, "profile_at_startup": profile_at_startup}
         self.intercept_config = InterceptConfig(
             policy=intercept_policy, **{k: v for k, v in settings.items() if v is not None}
         )
         kwargs.update(self.intercept_config.engine_kwargs(kwargs))
         super().__init__(model=str(model), **kwargs)
+        self.cost_model = self.cost_model_source = None
+        if intercept_policy != "vllm":
+            # The policy plans with measured forward and swap times.
+            self.cost_model, self.cost_model_source = profile_llm(self)
         self._tools = _ToolRunner(tool_workers)
         weakref.finalize(self, self._tools.shutdown)
 

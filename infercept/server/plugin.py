@@ -48,5 +48,25 @@ class InterceptEndpoints:
 
         service = InterceptService(engine_client, timeout_s=getattr(args, "intercept_timeout", 600.0))
         state.infercept = service
+        await self._install_cost_model(engine_client, service)
         service.start()
         get_prometheus_registry().register(InterceptCollector(service))
+
+    @staticmethod
+    async def _install_cost_model(engine_client, service) -> None:
+        """Profile (or load) the cost model before serving, as `infercept.LLM` does."""
+        from infercept.adapter import profiler
+        from infercept.config import InterceptConfig
+        from infercept.policy import CostModel
+
+        vllm_config = engine_client.vllm_config
+        config = InterceptConfig.from_vllm_config(vllm_config)
+        if config.policy == "vllm":
+            return
+        base = CostModel.from_dict((await service.call("stats"))["cost_model"])
+        known = profiler.known_cost_model(config, vllm_config, base)
+        if known is None:
+            measured = await engine_client.collective_rpc(
+                profiler.MEASURE_METHOD, args=profiler.measurement_args(vllm_config))
+            known = profiler.measured_cost_model(measured, vllm_config, base), "profiled"
+        await service.call("set_cost_model", known[0].to_dict())

@@ -13,11 +13,7 @@ check both give the same run):
   soon (remaining_s <= swap_s(C) + forward_s(batch_tokens)) and discards some to make CPU
   room for a swap-out. All are passed when CPU room could run short (the preserved
   contexts exceed the free CPU tokens); otherwise only those that pass the planner's own
-  "soon" test, run here. The test is only run once a request's next check comes: the
-  estimate of the remaining time falls at most as fast as time passes (between recorded
-  durations it is ``mean - elapsed``; past one it jumps up), so from R it cannot reach
-  X = swap_s(C) + forward_s(max_num_batched_tokens) before R - X seconds have passed,
-  unless the estimator learns a duration of that tool (which makes it due again).
+  "soon" test, run here on the ones ``SwappedWatch`` says could pass it.
 - "discard" and "swap" decide once, at the first plan after a pause.
 - "preserve" changes nothing unless the batch needs device memory
   (``device_tokens_needed > 0``), and then only evicts its latest first arrivals until
@@ -34,13 +30,13 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from infercept.policy import Action, DurationEstimator, Intercepted, Location, make_policy
+from infercept.sim.swapped import SwappedWatch
 
 if TYPE_CHECKING:
     from infercept.sim.engine import Engine
     from infercept.sim.state import SimRequest
 
 _DECIDE_ONCE = frozenset({"discard", "swap"})
-_SLACK_S = 1e-9  # rounding margin on a swapped request's next check
 
 
 class PolicyDriver:
@@ -53,7 +49,7 @@ class PolicyDriver:
         self._uses_cpu = self.policy.name == "min-waste"
         self._uses_ttl = self.policy.name == "ttl"
         self._next_expiry_s: float | None = None  # ttl: earliest expiry; None: recompute
-        self._observed_tools: set[str] = set()  # tools with a history of their own
+        self._swapped = SwappedWatch(self.estimator)
 
     # ---- every iteration ---------------------------------------------------
 
@@ -80,7 +76,8 @@ class PolicyDriver:
         if self._uses_cpu:
             for request in candidates:
                 if request.location is Location.CPU:
-                    self._schedule_check(engine, request, now, self._remaining_s(request, now))
+                    self._swapped.schedule(engine, request, now,
+                                           self._remaining_s(request, now))
 
     def _candidates(self, engine: "Engine", now: float):
         """The requests to plan for (none: no plan this iteration), and the batch state
@@ -102,13 +99,13 @@ class PolicyDriver:
         return device, batch
 
     def _min_waste_candidates(self, engine: "Engine", device: list, now: float):
-        swapped = engine.intercepted_on(Location.CPU)
-        due = [r for r in swapped if now >= r.next_check_s] if swapped else []
+        due = self._swapped.due(engine, now)
         if not device and not due:
             return [], None
         batch = engine.batch_state()
         if device and sum(r.kv_tokens for r in device) > batch.free_cpu_tokens:
-            return device + list(swapped), batch  # swapped requests may be discarded for room
+            # swapped requests may be discarded to make room: pass them all
+            return device + list(engine.intercepted_on(Location.CPU)), batch
         iteration_s = engine.cost.forward_s(batch.batch_tokens)
         soon = []
         for request in due:  # the planner's own test for a prefetch
@@ -116,18 +113,11 @@ class PolicyDriver:
             if remaining_s <= engine.cost.swap_s(request.kv_tokens) + iteration_s:
                 soon.append(request)
             else:
-                self._schedule_check(engine, request, now, remaining_s)
+                self._swapped.schedule(engine, request, now, remaining_s)
         return device + soon, batch
 
     def _remaining_s(self, request: "SimRequest", now: float) -> float:
         return self.estimator.remaining_s(request.tool, now - request.paused_at_s)
-
-    @staticmethod
-    def _schedule_check(engine: "Engine", request: "SimRequest", now: float,
-                        remaining_s: float) -> None:
-        """The earliest time a swapped request could resume soon (module docstring)."""
-        soon_s = engine.cost.swap_s(request.kv_tokens) + engine.max_forward_s
-        request.next_check_s = now + max(0.0, remaining_s - soon_s - _SLACK_S)
 
     def _earliest_expiry_s(self, device) -> float:
         if self._next_expiry_s is None:
@@ -178,16 +168,11 @@ class PolicyDriver:
         never read an estimate (their plans do not depend on it), as it is costly."""
         if not (self._uses_cpu or self._uses_ttl):
             return
-        tool = request.tool
-        self.estimator.observe(tool, now - request.paused_at_s)
+        self.estimator.observe(request.tool, now - request.paused_at_s)
         if self._uses_ttl:
             self._next_expiry_s = None
-        if self._uses_cpu:  # estimates of this tool (and of tools without history) moved
-            self._observed_tools.add(tool)
-            for other in engine.intercepted_on(Location.CPU):
-                other_tool = other.tool
-                if other_tool == tool or other_tool not in self._observed_tools:
-                    other.next_check_s = now
+        if self._uses_cpu:
+            self._swapped.observed(request.tool)
 
 
 def _latest_first_until(device: list["SimRequest"], needed_tokens: int) -> list["SimRequest"]:

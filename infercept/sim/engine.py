@@ -84,6 +84,7 @@ class Engine:
         self.waiting: list[SimRequest] = []
         self.intercepts: dict[str, SimRequest] = {}
         self._by_location = {location: {} for location in Location}
+        self._swapped_by_tool: dict[str, dict[str, SimRequest]] = {}
         self._phase_counts = [0] * bs  # decoders by dec_base % block size
         self._finish_heap: list[tuple[int, int, SimRequest]] = []
         self._next_seq = 0
@@ -132,7 +133,7 @@ class Engine:
     def release(self, request_id: str) -> None:
         """Free what an intercepted request holds here (it resumed on another replica)."""
         request = self.intercepts.pop(request_id)
-        del self._by_location[request.location][request_id]
+        self._unregister(request)
         if request.location is Location.DEVICE:
             self._set_idle(-request.kv_tokens, self.clock_s)
             self._free_device(request)
@@ -355,7 +356,7 @@ class Engine:
         request.paused_at_s = end_s
         request.location = Location.DEVICE
         self.intercepts[request.key] = request
-        self._by_location[Location.DEVICE][request.key] = request
+        self._register(request, Location.DEVICE)
         self._set_idle(request.kv_tokens, end_s)
         self._plan_pending = True
         self.driver.paused(request)
@@ -365,7 +366,7 @@ class Engine:
         """The adapter's ``_resume``: the tool's answer extends the context; the request
         keeps its first arrival and re-enters the queue in FCFS place."""
         location = request.location
-        del self._by_location[location][request.key]
+        self._unregister(request)
         self.driver.observe_resume(self, request, now)
         session = request.session
         request.num_tokens = session.context_tokens
@@ -401,6 +402,16 @@ class Engine:
 
     def intercepted_on(self, location: Location):
         return self._by_location[location].values()
+
+    def swapped_of_tool(self, tool: str):
+        return self._swapped_by_tool.get(tool, {}).values()
+
+    def swapped_tools(self):
+        return [tool for tool, requests in self._swapped_by_tool.items() if requests]
+
+    def is_swapped(self, request: SimRequest) -> bool:
+        """Whether ``request`` is intercepted here with its KV on CPU."""
+        return self._by_location[Location.CPU].get(request.key) is request
 
     def batch_state(self) -> BatchState:
         """The adapter's ``_batch_state``: this iteration's demand as vLLM will see it."""
@@ -463,9 +474,20 @@ class Engine:
         self.swapped_in_bytes += request.kv_tokens * self.cost.kv_bytes_per_token
 
     def _move(self, request: SimRequest, location: Location) -> None:
-        del self._by_location[request.location][request.key]
-        self._by_location[location][request.key] = request
+        self._unregister(request)
+        self._register(request, location)
+
+    def _register(self, request: SimRequest, location: Location) -> None:
         request.location = location
+        self._by_location[location][request.key] = request
+        if location is Location.CPU:
+            self._swapped_by_tool.setdefault(request.tool, {})[request.key] = request
+
+    def _unregister(self, request: SimRequest) -> None:
+        """Forget where an intercepted request's KV is (``request.location`` stays)."""
+        del self._by_location[request.location][request.key]
+        if request.location is Location.CPU:
+            del self._swapped_by_tool[request.tool][request.key]
 
     # ---- results and checks ------------------------------------------------
 

@@ -19,6 +19,8 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_profile_fits_and_predicts_unmeasured_sizes(intercept_llm, cache_dir):
     llm = intercept_llm("min-waste")
+    for stale in cache_dir.glob("profiles/*.json"):  # the engine's own start-up profile
+        stale.unlink()
     cost, source = profiler.profile_llm(llm)
     assert source == "profiled"
     assert scheduler_of(llm).policy_driver.cost == cost
@@ -27,7 +29,7 @@ def test_profile_fits_and_predicts_unmeasured_sizes(intercept_llm, cache_dir):
     # same interleaved run so that both see the same machine.
     sizes = profiler.token_counts(llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
     unmeasured = [8, 128, 512, 1536]
-    measured = llm.collective_rpc(profiler.measure_on_worker,
+    measured = llm.collective_rpc(profiler.MEASURE_METHOD,
                                   args=(sorted(sizes + unmeasured), profiler.REPEATS, 1))
     fit_on = [{"forward": [(n, s) for n, s in m["forward"] if n in sizes],
                "swap_s_per_block": m["swap_s_per_block"]} for m in measured]
