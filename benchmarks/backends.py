@@ -91,7 +91,8 @@ class InProcessBackend:
 
     def warm_up(self, prompt_tokens: int = 96, num_requests: int = 4) -> None:
         """Run a few plain requests so the first measured step pays no first-call costs."""
-        prompts = [[5 + (i * 7 + j) % 97 for j in range(prompt_tokens)] for i in range(num_requests)]
+        prompts = [[5 + (i * 7 + j) % 97 for j in range(prompt_tokens)]
+                   for i in range(num_requests)]
         self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params(8),
                           use_tqdm=False)
         self.reset()
@@ -501,7 +502,8 @@ class ServerProcess:
         deadline_s = time.monotonic() + 300.0
         while time.monotonic() < deadline_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited ({self.process.returncode}); see {self.log_path}")
+                raise RuntimeError(
+                    f"server exited ({self.process.returncode}); see {self.log_path}")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=5.0).status_code == 200:
                     return self

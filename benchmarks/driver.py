@@ -71,6 +71,7 @@ class _Replay:
         self.resume_lateness_s: list[float] = []
         self.used_token_s = 0.0  # device KV in use, integrated over busy steps
         self.used_tokens_max = 0
+        self.step_cpu_s = 0.0  # this process's CPU time in engine steps
 
     def now_s(self) -> float:
         return self.clock() - self.t0
@@ -82,7 +83,8 @@ class _Replay:
         while True:
             now = self.now_s()
             due_s = now + _DUE_SLACK_S
-            while next_arrival < len(self.arrivals) and self.arrivals[next_arrival].arrival_s <= due_s:
+            while (next_arrival < len(self.arrivals)
+                   and self.arrivals[next_arrival].arrival_s <= due_s):
                 self._start(self.arrivals[next_arrival])
                 next_arrival += 1
             self._resume_due(now)
@@ -92,7 +94,10 @@ class _Replay:
                 self.backend.abort_all()
                 return now
             if self.backend.has_work():
-                self._account(self.backend.step())
+                cpu_s = time.process_time()
+                report = self.backend.step()
+                self.step_cpu_s += time.process_time() - cpu_s
+                self._account(report)
                 continue
             upcoming = [self.deadline_s]
             if next_arrival < len(self.arrivals):
@@ -181,7 +186,10 @@ def replay(backend, trace: Trace, *, drain_s: float, clock: Callable[[], float] 
     details = {
         "engine": change,
         "num_steps": loop.num_steps,
-        "device_kv_used_tokens_mean_busy": loop.used_token_s / loop.forward_s if loop.forward_s else None,
+        # Below 1 (one thread) when other processes took the cores during the steps.
+        "cpu_s_per_forward_s": loop.step_cpu_s / loop.forward_s if loop.forward_s else None,
+        "device_kv_used_tokens_mean_busy": (loop.used_token_s / loop.forward_s
+                                            if loop.forward_s else None),
         "device_kv_used_tokens_max": loop.used_tokens_max,
         "elapsed_s": stopped_s,
         "resume_lateness_p50_s": lateness[len(lateness) // 2] if lateness else None,
@@ -234,7 +242,8 @@ def replay_http(base_url: str, model: str, policy: str, trace: Trace, *,
         swapped_out = swapped_in = 0
     else:
         def change(name: str, **labels: str) -> float:
-            return (metric_sum(after, name, **labels) or 0) - (metric_sum(before, name, **labels) or 0)
+            return ((metric_sum(after, name, **labels) or 0)
+                    - (metric_sum(before, name, **labels) or 0))
 
         forwarded = int(change("infercept:forwarded_tokens_total"))
         recomputed = int(change("infercept:recomputed_tokens_total"))

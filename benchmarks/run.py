@@ -105,7 +105,8 @@ class Sweep:
                 self.results[policy] = {}
                 for rate, metrics in self._runs(policy):
                     self.results[policy][rate] = metrics
-                    bar.set_postfix(rate=rate, p90_ms=_ms(metrics.normalized_latency_p90_s_per_token))
+                    p90_s = metrics.normalized_latency_p90_s_per_token
+                    bar.set_postfix(rate=rate, p90_ms=_ms(p90_s))
                     bar.update()
                 bar.update(len(rates) - len(self.results[policy]))
         return self.write_outputs()
@@ -212,8 +213,9 @@ class Sweep:
         with ServerProcess(command, self.out_dir / f"server-{policy}.log", env) as server:
             _warm_up_server(server.base_url, self.model_path)
             for rate in self.preset.rates:
-                result = replay_http(server.base_url, self.model_path, policy,
-                                     Trace.load(self.trace_paths[rate]), drain_s=self.preset.drain_s)
+                trace = Trace.load(self.trace_paths[rate])
+                result = replay_http(server.base_url, self.model_path, policy, trace,
+                                     drain_s=self.preset.drain_s)
                 result.policy = policy
                 yield result
 
@@ -238,7 +240,8 @@ class Sweep:
         summary["headline"] = headline(summary)
         summary["headline"]["load_average_1min"] = {
             policy: [min(loads), max(loads)] for policy, loads in self.loads.items() if loads}
-        (self.out_dir / "headline.json").write_text(json.dumps(summary["headline"], indent=2) + "\n")
+        head_json = json.dumps(summary["headline"], indent=2) + "\n"
+        (self.out_dir / "headline.json").write_text(head_json)
         with open(self.out_dir / "summary.md", "a") as md:
             md.write("\n" + headline_markdown(summary["headline"]))
         title = f"{self.preset.name}: {self.preset.workload}, {self.backend}"
@@ -333,7 +336,9 @@ def headline_markdown(head: dict) -> str:
 
     lines = ["| min-waste vs | ratio of sustainable rates |", "|---|---|"]
     for name, entry in head["min_waste_vs"].items():
-        label = f"best fixed ({', '.join(head['best_fixed_policies'])})" if name == "best_fixed" else name
+        label = name
+        if name == "best_fixed":
+            label = f"best fixed ({', '.join(head['best_fixed_policies'])})"
         lines.append(f"| {label} | {ratio(entry)} |")
     lines += ["", f"At {fmt(head['at_rate'], '{:g}')} req/s:", "",
               "| policy | recompute (time) | recompute (tokens) | memory waste | load average |",

@@ -163,7 +163,8 @@ class FakeBackend:
 
     def resume(self, request_id):
         self.segment[request_id] += 1
-        self.left[request_id] = self.requests[request_id].segments[self.segment[request_id]].generate_tokens
+        segments = self.requests[request_id].segments
+        self.left[request_id] = segments[self.segment[request_id]].generate_tokens
         self.resumed.add(request_id)
 
     def has_work(self):
@@ -300,7 +301,10 @@ def test_http_intercept_client_replays_tiny_trace(http_server, tiny_model, trace
         assert record.num_interceptions == request.num_interceptions
     # The server's counters: preserve with ample memory recomputes nothing.
     assert result.counters.recomputed_tokens == 0
-    assert result.counters.forwarded_tokens >= sum(r.context_tokens for r in trace.requests) - 10
+    # At least every decode step's token (prompts may hit the prefix cache of earlier tests).
+    num_segments = sum(len(r.segments) for r in trace.requests)
+    num_outputs = sum(r.output_tokens for r in trace.requests)
+    assert result.counters.forwarded_tokens >= num_outputs - num_segments
     metrics = compute_run_metrics(result.records, result.counters)
     assert metrics.memory_waste_fraction is not None
 
@@ -324,7 +328,8 @@ def test_preset_cache_sizes_are_whole_blocks_and_hold_one_request():
     assert max(r.context_tokens for r in trace.requests) <= CPU_QUICK.max_context_tokens
     tokens = CPU_QUICK.kv_cache_tokens(trace)
     assert tokens % CPU_QUICK.block_size == 0 and tokens >= CPU_QUICK.max_model_len
-    assert CPU_QUICK.unbounded_kv_cache_tokens(trace) >= sum(r.context_tokens for r in trace.requests)
+    all_contexts = sum(r.context_tokens for r in trace.requests)
+    assert CPU_QUICK.unbounded_kv_cache_tokens(trace) >= all_contexts
     kwargs = CPU_QUICK.engine_kwargs("model", tokens)
     assert kwargs["kv_cache_memory_bytes"] == tokens * CPU_QUICK.kv_bytes_per_token()
 
