@@ -226,13 +226,22 @@ class _RecomputeProbe:
 
 
 class InterceptBackend(InProcessBackend):
-    """InferCept's scheduler under ``policy`` (``unbounded`` runs as ``preserve``)."""
+    """InferCept's scheduler under ``policy`` (``unbounded`` runs as ``preserve``).
+
+    An engine built here gets its cost model as ``infercept.LLM`` and the server do: from
+    the start-up profile (measured once per model, hardware and settings, then cached), so
+    the policy plans with this machine's forward and swap times, not the defaults."""
 
     def __init__(self, policy: str, engine_kwargs: dict | None = None, llm=None):
         from infercept.entrypoints.sessions import SessionEngine
 
         super().__init__(engine_kwargs, llm)
         self.policy = policy
+        self.cost_model_source = "engine's own"
+        if self.owns_engine:
+            from infercept.adapter.profiler import profile_llm
+
+            _, self.cost_model_source = profile_llm(self.llm)
         self.sessions = SessionEngine(self.engine)
         self._requests: dict[str, Request] = {}
         self._last = self.stats()

@@ -13,7 +13,8 @@ toward its sustainable rate.
 
 Writes into --out: summary.json and summary.md (benchmarks.metrics), headline.json (the
 ratios of min-waste to the others), runs/<policy>-<rate>.json (each run's metrics, counters,
-engine diagnostics and records), traces/ (the replayed traces), setup.json, and the plots
+engine diagnostics and records), runs/<policy>-engine.json (an InferCept engine's cost model
+and its source), traces/ (the replayed traces), setup.json, and the plots
 latency_vs_rate.png and recompute_waste.png.
 """
 
@@ -113,7 +114,8 @@ class Sweep:
 
     def load_runs(self) -> None:
         """The metrics (and load averages) of the runs saved in ``out_dir/runs``."""
-        bodies = [json.loads(p.read_text()) for p in sorted((self.out_dir / "runs").glob("*.json"))]
+        paths = sorted((self.out_dir / "runs").glob("*.json"))
+        bodies = [json.loads(p.read_text()) for p in paths if not p.stem.endswith("-engine")]
         order = {policy: i for i, policy in enumerate(self.preset.policies)}
         for body in sorted(bodies, key=lambda b: (order.get(b["policy"], len(order)), b["rate"])):
             policy = body["policy"]
@@ -183,6 +185,7 @@ class Sweep:
                    else InterceptBackend(policy, kwargs))
         with backend:
             backend.warm_up()
+            self._save_engine_setup(policy, backend)
             for rate in self.preset.rates:
                 backend.reset()
                 load_before = os.getloadavg()[0]
@@ -218,6 +221,16 @@ class Sweep:
                                      drain_s=self.preset.drain_s)
                 result.policy = policy
                 yield result
+
+    def _save_engine_setup(self, policy: str, backend) -> None:
+        """The cost model an InferCept engine plans with, and where it came from."""
+        if not hasattr(backend, "stats"):
+            return
+        body = {"cost_model": backend.stats()["cost_model"],
+                "cost_model_source": backend.cost_model_source,
+                "kv_capacity_tokens": backend.kv_capacity_tokens}
+        path = self.out_dir / "runs" / f"{policy}-engine.json"
+        path.write_text(json.dumps(body, indent=1) + "\n")
 
     def _save_run(self, result: RunResult, metrics: RunMetrics) -> None:
         counters = dataclasses.asdict(result.counters)

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--router", default="affinity",
                         choices=("affinity", "round-robin", "least-loaded"))
+    parser.add_argument("--attention", action="store_true",
+                        help="also time attention's KV reads (a built-in profile's roofline "
+                             "estimate per context token of the batch)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="turn off vLLM's prefix caching (the paper's vLLM 0.2 baseline)")
     parser.add_argument("--slo-ms", type=float,
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
                                       trace_maker)
 
     profile = load_profile(args.profile)
+    if args.attention:
+        profile = profile.with_attention()
     if args.slo_ms is not None:
         profile = dataclasses.replace(profile, slo_p90_s_per_token=args.slo_ms / 1e3)
     policies = _names(args.policies)

@@ -33,10 +33,10 @@ def search(profile_name: str, workload: str, policy: str, *, duration_s: float, 
            replicas: int = 1, router: str = "affinity", prefix_caching: bool = True,
            tolerance: float = 0.05, start_rate: float | None = None,
            step: float = 2.0) -> dict[str, Any]:
-    profile = load_profile(profile_name)
+    profile = _profile(profile_name)
     config = SimConfig(replicas=replicas, router=router, prefix_caching=prefix_caching,
                        abort_over_slo=True)
-    start = start_rate or START_RATE.get(profile_name, 1.0) * replicas
+    start = start_rate or START_RATE.get(profile_name.partition("+")[0], 1.0) * replicas
     started = time.perf_counter()
     rate, runs = find_sustainable_rate(profile, policy, trace_maker(workload, duration_s, seed),
                                        config, start_rate=start, rel_tol=tolerance,
@@ -58,6 +58,15 @@ def search(profile_name: str, workload: str, policy: str, *, duration_s: float, 
                  for r, x in sorted(runs.items())},
         "wall_s": round(time.perf_counter() - started, 1),
     }
+
+
+def _profile(name: str):
+    """A built-in profile; ``NAME+attention`` for it with attention's KV reads timed."""
+    base, _, extra = name.partition("+")
+    if extra not in ("", "attention"):
+        raise ValueError(f"unknown profile variant {name!r}")
+    profile = load_profile(base)
+    return profile.with_attention() if extra else profile
 
 
 _KEY_FIELDS = ("workload", "policy", "replicas", "router", "prefix_caching", "duration_s",

@@ -20,8 +20,10 @@ Built-in profiles are derived from the model architecture and the GPU datasheet:
   2048 batched tokens and 256 sequences on A100s, 8192 and 1024 on H100s.
 
 Attention's reads of the KV cache are not in the CostModel (its forward time depends on
-the tokens in the iteration only); ``attention_s_per_kv_token`` adds them when set (off in
-every built-in profile, so iteration time is exactly ``cost.forward_s``).
+the tokens in the iteration only); ``attention_s_per_kv_token`` adds them when set: every
+iteration then also takes that long per context token of the running batch. It is 0 in
+every built-in profile (iteration time is exactly ``cost.forward_s``); ``with_attention``
+sets it to the roofline's time to read one token's KV from HBM (``kv_read_s_per_token``).
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class HardwareProfile:
     max_num_batched_tokens: int
     slo_p90_s_per_token: float
     description: str = ""
-    attention_s_per_kv_token: float = 0.0
+    attention_s_per_kv_token: float = 0.0  # applied per context token of the batch
+    kv_read_s_per_token: float = 0.0  # roofline estimate of one token's KV read (0: unknown)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
@@ -118,6 +121,13 @@ class HardwareProfile:
     @property
     def block_size_tokens(self) -> int:
         return self.cost.block_size_tokens
+
+    def with_attention(self) -> "HardwareProfile":
+        """This profile with attention's KV reads timed (``kv_read_s_per_token`` each)."""
+        if not self.kv_read_s_per_token > 0:
+            raise ValueError(f"profile {self.name} has no KV read time to apply")
+        return dataclasses.replace(self, name=f"{self.name}+attention",
+                                   attention_s_per_kv_token=self.kv_read_s_per_token)
 
     def with_cost(self, **changes: Any) -> "HardwareProfile":
         return dataclasses.replace(self, cost=dataclasses.replace(self.cost, **changes))
@@ -152,8 +162,9 @@ def roofline_profile(name: str, model: ModelSpec, gpu: GpuSpec, num_gpus: int, *
     )
     description = (f"{model.name} on {num_gpus} x {gpu.name} (TP {num_gpus}). "
                    f"Model: {model.source}. GPU: {gpu.source}.")
+    kv_read_s = kv_bytes / (num_gpus * gpu.hbm_bytes_per_s * MEMORY_EFFICIENCY)
     return HardwareProfile(name, cost, max_num_seqs, max_num_batched_tokens,
-                           slo_p90_s_per_token, description)
+                           slo_p90_s_per_token, description, kv_read_s_per_token=kv_read_s)
 
 
 def _whole_blocks(tokens: float, block_size_tokens: int) -> int:
@@ -176,7 +187,7 @@ PROFILES: dict[str, HardwareProfile] = {
 }
 
 _PROFILE_KEYS = ("name", "max_num_seqs", "max_num_batched_tokens", "slo_p90_s_per_token",
-                 "description", "attention_s_per_kv_token")
+                 "description", "attention_s_per_kv_token", "kv_read_s_per_token")
 # Defaults for a measured cost model that brings no scheduler limits (vLLM's A100 ones).
 _MEASURED_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}
 

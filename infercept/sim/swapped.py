@@ -73,26 +73,33 @@ class SwappedWatch:
         self._earliest_s = min(self._earliest_s, request.next_check_s)
 
     def _refresh(self, engine: "Engine", now: float) -> None:
+        """Reschedule the swapped requests of tools whose estimates moved; inlines
+        ``estimator.remaining_s(tool, elapsed)`` (no hint) with the estimator's own
+        arithmetic on the history it reads, as this runs for many requests at once."""
         if not self._dirty_tools:
             return
         tools = set(self._dirty_tools)
         tools.update(t for t in engine.swapped_tools() if t not in self._observed_tools)
         self._dirty_tools.clear()
+        band, earliest_s = self._band, self._earliest_s
+        max_forward_s, swap_s_per_token = engine.max_forward_s, engine.cost.swap_s_per_token
         for tool in tools:
-            requests = list(engine.swapped_of_tool(tool))
-            for request, remaining_s in zip(requests, self._remaining_s(tool, requests, now)):
-                self.schedule(engine, request, now, remaining_s)
-
-    def _remaining_s(self, tool: str, requests, now: float) -> list[float]:
-        """``estimator.remaining_s(tool, elapsed)`` (no hint) for many requests at once,
-        with the estimator's own arithmetic on the history it reads."""
-        history = self.estimator._history(tool)
-        sorted_s, suffix_sum_s = history.sorted_s, history.suffix_sum_s
-        count = len(sorted_s)
-        out = []
-        for request in requests:
-            elapsed_s = now - request.paused_at_s
-            survivors = count - bisect_right(sorted_s, elapsed_s)
-            out.append(max(0.0, suffix_sum_s[count - survivors] / survivors - elapsed_s)
-                       if survivors else elapsed_s)
-        return out
+            history = self.estimator._history(tool)
+            sorted_s, suffix_sum_s = history.sorted_s, history.suffix_sum_s
+            count = len(sorted_s)
+            for request in engine.swapped_of_tool(tool):
+                elapsed_s = now - request.paused_at_s
+                first = bisect_right(sorted_s, elapsed_s)
+                remaining_s = (max(0.0, suffix_sum_s[first] / (count - first) - elapsed_s)
+                               if first < count else elapsed_s)
+                gap_s = remaining_s - swap_s_per_token * request.kv_tokens - max_forward_s
+                if gap_s <= _SLACK_S:
+                    request.next_check_s = now
+                    band[request.key] = request
+                    continue
+                if request.key in band:
+                    del band[request.key]
+                request.next_check_s = now + gap_s - _SLACK_S
+                if request.next_check_s < earliest_s:
+                    earliest_s = request.next_check_s
+        self._earliest_s = earliest_s

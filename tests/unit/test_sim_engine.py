@@ -19,6 +19,8 @@ After it (resume at 1.035), by what survives:
       -> 1.055, decode -> 1.065.
 """
 
+import dataclasses
+
 import pytest
 
 from benchmarks.metrics import compute_run_metrics
@@ -153,3 +155,13 @@ def test_a_resumed_request_keeps_its_first_arrival(policy, end_a_s, end_c_s):
 def test_the_engine_refuses_an_unknown_policy():
     with pytest.raises(ValueError, match="unknown policy"):
         Engine(TINY, "keep-everything")
+
+
+def test_attention_reads_add_time_per_context_token():
+    """With 1 ms per context token read: iteration 0 reads 9 tokens' KV (15 + 9 ms), 1 and 2
+    read 10 and 11 (10 + 10, 10 + 11 ms): the pause comes at 0.065 instead of 0.035."""
+    slow = dataclasses.replace(TINY, attention_s_per_kv_token=0.001)
+    result = simulate(ONE, slow, "preserve", SimConfig(check_invariants=True))
+    assert result.counters.idle_kv_events[0] == (pytest.approx(0.065), 11)
+    with pytest.raises(ValueError, match="no KV read time"):
+        TINY.with_attention()

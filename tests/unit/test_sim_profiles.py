@@ -28,6 +28,11 @@ def test_gptj_on_an_a100_by_hand():
     assert cost.saturation_tokens == round(weight_read_s / per_token_s)
     assert cost.swap_s_per_token == pytest.approx(448 * 1024 / 25e9)
     assert cost.cpu_capacity_tokens == int(200e9 / (448 * 1024) // 16) * 16
+    # Reading one token's KV once, for the opt-in attention term.
+    profile = PROFILES["gptj-6b-a100"]
+    assert profile.attention_s_per_kv_token == 0.0
+    assert profile.with_attention().attention_s_per_kv_token == pytest.approx(
+        448 * 1024 / (2.039e12 * 0.8))
 
 
 def test_tensor_parallelism_splits_the_work_and_adds_all_reduces():
