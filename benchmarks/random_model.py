@@ -87,7 +87,9 @@ def special_token_ids(path: str | Path) -> list[int]:
     return sorted(tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
 
 
-def train_tokenizer():
+def train_tokenizer(special_tokens=SPECIAL_TOKENS, chat_template: str | None = None):
+    """A byte-level BPE of ``TOKENIZER_VOCAB_SIZE`` trained on a fixed corpus:
+    deterministic, about a second, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -96,7 +98,7 @@ def train_tokenizer():
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TOKENIZER_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -106,6 +108,7 @@ def train_tokenizer():
         eos_token="<|im_end|>",
         bos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
+        chat_template=chat_template,
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
 
 # A ChatML template with hermes-style tool calls, so vLLM's `hermes` tool
@@ -30,18 +29,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
 
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France? The capital of France is Paris.",
-    "Compute 12 * 7 with the calculator: <calc>12*7</calc> = 84.",
-    "Search the web for the tallest mountain, then answer in one sentence.",
-    "def add(a, b):\n    return a + b\n",
-    '{"name": "search", "arguments": {"query": "weather in Paris"}}',
-    "Agents call tools: a calculator, a search engine, a game environment, a human.",
-    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \"",
-]
-
-
 def build_tiny_model(path: Path, *, num_layers: int = 2, hidden_size: int = 128) -> Path:
     """Write a tiny Llama and its tokenizer to `path` (idempotent) and return it."""
     path = Path(path)
@@ -55,26 +42,9 @@ def build_tiny_model(path: Path, *, num_layers: int = 2, hidden_size: int = 128)
 
 
 def _train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from benchmarks.random_model import train_tokenizer  # the benchmarks' corpus and BPE
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        bos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-    )
+    return train_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE)
 
 
 def _save_random_llama(path: Path, tokenizer, *, num_layers: int, hidden_size: int) -> None:
