@@ -17,7 +17,7 @@ share of it spent recomputing (each step's time split in proportion to the token
 recomputed), forwarded and recomputed tokens, the idle KV tokens of paused requests after
 every step and resume, the cache capacity, and the bytes swapped.
 
-``replay_http`` does the same through a server (``benchmarks.backends.HttpReplay``).
+``replay_http`` does the same through a server (``benchmarks.http_replay.HttpReplay``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from benchmarks.backends import HttpReplay, kv_capacity_from_metrics, metric_sum
+from benchmarks.http_replay import HttpReplay, kv_capacity_from_metrics, metric_sum
 from benchmarks.metrics import EngineCounters, RequestRecord
 from benchmarks.workload import Request, Trace
 

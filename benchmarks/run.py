@@ -197,7 +197,7 @@ class Sweep:
                 yield result
 
     def _http_runs(self, policy: str):
-        from benchmarks.backends import ServerProcess, engine_cli_flags
+        from benchmarks.http_replay import ServerProcess, engine_cli_flags
 
         kwargs = self.engine_kwargs(policy)
         flags = engine_cli_flags({k: v for k, v in kwargs.items()

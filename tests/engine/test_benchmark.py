@@ -14,9 +14,9 @@ import math
 
 import pytest
 
-from benchmarks.backends import (InterceptBackend, StockBackend, kv_capacity_from_metrics,
-                                 metric_sum, parse_prometheus)
+from benchmarks.backends import InterceptBackend, StockBackend
 from benchmarks.driver import counter_change, replay, replay_http
+from benchmarks.http_replay import kv_capacity_from_metrics, metric_sum, parse_prometheus
 from benchmarks.metrics import compute_run_metrics, sustainable_rate
 from benchmarks.workload import Request, Segment, Trace
 
@@ -335,7 +335,7 @@ def test_preset_cache_sizes_are_whole_blocks_and_hold_one_request():
 
 
 def test_engine_kwargs_as_server_flags():
-    from benchmarks.backends import engine_cli_flags
+    from benchmarks.http_replay import engine_cli_flags
 
     flags = engine_cli_flags({"model": "m", "block_size": 32, "enforce_eager": True,
                               "enable_prefix_caching": False})
