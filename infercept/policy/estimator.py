@@ -19,6 +19,8 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Iterable
 
 DEFAULT_WINDOW = 256
 DEFAULT_HINT_WEIGHT = 0.75
@@ -37,11 +39,11 @@ class _History:
     def add(self, duration_s: float) -> None:
         self.recent_s.append(duration_s)
         if len(self.recent_s) > self.window:
-            self.recent_s.popleft()
-        self.sorted_s = sorted(self.recent_s)
-        sums = [0.0] * (len(self.sorted_s) + 1)
-        for i in range(len(self.sorted_s) - 1, -1, -1):
-            sums[i] = sums[i + 1] + self.sorted_s[i]
+            del self.sorted_s[bisect.bisect_left(self.sorted_s, self.recent_s.popleft())]
+        bisect.insort(self.sorted_s, duration_s)
+        # suffix sums, added from the largest down (the order of a loop from the end)
+        sums = list(accumulate(reversed(self.sorted_s), initial=0.0))
+        sums.reverse()
         self.suffix_sum_s = sums
 
     def __len__(self) -> int:
@@ -54,6 +56,16 @@ class _History:
         if survivors == 0:
             return None
         return max(0.0, self.suffix_sum_s[first] / survivors - elapsed_s)
+
+    def mean_remaining_many_s(self, elapsed_s: Iterable[float]) -> list[float | None]:
+        """``mean_remaining_s`` for each of ``elapsed_s``, in one pass."""
+        sorted_s, suffix_sum_s, count = self.sorted_s, self.suffix_sum_s, len(self.sorted_s)
+        answers: list[float | None] = []
+        for e in elapsed_s:
+            first = bisect.bisect_right(sorted_s, e)
+            answers.append(max(0.0, suffix_sum_s[first] / (count - first) - e)
+                           if first < count else None)
+        return answers
 
     def quantile_s(self, quantile: float) -> float:
         """Nearest-rank quantile of the recorded durations."""
@@ -111,6 +123,15 @@ class DurationEstimator:
         if history_s is not None:
             return history_s
         return elapsed_s
+
+    def remaining_many_s(self, tool: str | None, elapsed_s: Iterable[float]) -> list[float]:
+        """``remaining_s(tool, e)`` without a hint for each ``e`` in ``elapsed_s``, the same
+        answers in one call (the simulator asks this for many paused requests at once)."""
+        elapsed = list(elapsed_s)
+        if not all(e >= 0 for e in elapsed):
+            raise ValueError("elapsed_s must all be >= 0")
+        answers = self._history(tool).mean_remaining_many_s(elapsed)
+        return [e if a is None else a for a, e in zip(answers, elapsed)]
 
     def expected_total_s(self, tool: str | None, hint_s: float | None = None) -> float:
         """Expected duration of a new interception of ``tool`` (0 with nothing to go on)."""

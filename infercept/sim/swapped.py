@@ -14,7 +14,6 @@ iteration.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from typing import TYPE_CHECKING
 
 from infercept.policy import DurationEstimator, Location
@@ -73,9 +72,8 @@ class SwappedWatch:
         self._earliest_s = min(self._earliest_s, request.next_check_s)
 
     def _refresh(self, engine: "Engine", now: float) -> None:
-        """Reschedule the swapped requests of tools whose estimates moved; inlines
-        ``estimator.remaining_s(tool, elapsed)`` (no hint) with the estimator's own
-        arithmetic on the history it reads, as this runs for many requests at once."""
+        """Reschedule the swapped requests of tools whose estimates moved (the estimator's
+        ``remaining_many_s`` answers ``remaining_s`` for all of a tool's at once)."""
         if not self._dirty_tools:
             return
         tools = set(self._dirty_tools)
@@ -84,14 +82,10 @@ class SwappedWatch:
         band, earliest_s = self._band, self._earliest_s
         max_forward_s, swap_s_per_token = engine.max_forward_s, engine.cost.swap_s_per_token
         for tool in tools:
-            history = self.estimator._history(tool)
-            sorted_s, suffix_sum_s = history.sorted_s, history.suffix_sum_s
-            count = len(sorted_s)
-            for request in engine.swapped_of_tool(tool):
-                elapsed_s = now - request.paused_at_s
-                first = bisect_right(sorted_s, elapsed_s)
-                remaining_s = (max(0.0, suffix_sum_s[first] / (count - first) - elapsed_s)
-                               if first < count else elapsed_s)
+            requests = list(engine.swapped_of_tool(tool))
+            remaining = self.estimator.remaining_many_s(
+                tool, [now - request.paused_at_s for request in requests])
+            for request, remaining_s in zip(requests, remaining):
                 gap_s = remaining_s - swap_s_per_token * request.kv_tokens - max_forward_s
                 if gap_s <= _SLACK_S:
                     request.next_check_s = now

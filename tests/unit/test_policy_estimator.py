@@ -109,3 +109,17 @@ def test_invalid_settings_are_rejected():
         DurationEstimator(hint_weight=1.5)
     with pytest.raises(ValueError):
         DurationEstimator().remaining_s("search", -1.0)
+
+
+def test_remaining_many_answers_as_remaining_one_by_one():
+    estimator = DurationEstimator(window=5)
+    for duration_s in (3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0):  # overflows the window
+        estimator.observe("search", duration_s)
+    elapsed = [0.0, 0.5, 1.0, 2.0, 4.5, 8.9, 9.0, 12.0]
+    for tool in ("search", "unknown"):
+        assert estimator.remaining_many_s(tool, elapsed) == [
+            estimator.remaining_s(tool, e) for e in elapsed]
+    # the window keeps the last five: 4, 1, 5, 9, 2, 6 minus the oldest -> 1, 5, 9, 2, 6
+    assert estimator.remaining_s("search", 0.0) == pytest.approx((1 + 5 + 9 + 2 + 6) / 5)
+    with pytest.raises(ValueError):
+        estimator.remaining_many_s("search", [1.0, -1.0])
