@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 
 class InterceptExtension(BaseModel):
@@ -35,10 +40,11 @@ class ResumeRequest(BaseModel):
     `max_tokens` is the total of the model's own tokens across all segments.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow",
+                              json_schema_extra={"not": {"required": ["text", "token_ids"]}})
 
     text: str | None = Field(default=None, max_length=1 << 20)
-    token_ids: list[int] | None = Field(default=None, max_length=1 << 20)
+    token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1 << 20)
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
     infercept: InterceptExtension | None = None
@@ -47,11 +53,47 @@ class ResumeRequest(BaseModel):
     def _check_result(self) -> "ResumeRequest":
         if self.text is not None and self.token_ids is not None:
             raise ValueError("give the tool's result as `text` or `token_ids`, not both")
-        if self.token_ids is not None and any(t < 0 for t in self.token_ids):
-            raise ValueError("token ids must be non-negative")
         if self.infercept is not None and self.infercept.resume is not None:
             raise ValueError("`infercept.resume` is implied by the URL")
         return self
+
+
+class InterceptCompletionRequest(CompletionRequest):
+    """vLLM's completion request with the `"infercept"` object (the OpenAPI schema)."""
+
+    infercept: InterceptExtension | None = None
+
+
+class InterceptChatCompletionRequest(ChatCompletionRequest):
+    """vLLM's chat completion request with the `"infercept"` object (the OpenAPI schema)."""
+
+    infercept: InterceptExtension | None = None
+
+
+class InterceptState(BaseModel):
+    """Body of `GET /v1/intercepts/{id}`."""
+
+    id: str
+    object: Literal["intercept"] = "intercept"
+    state: str = Field(description="preserved, swapped or discarded while paused; "
+                                   "resuming, resumed, cancelled or expired after")
+    context_tokens: int
+    generated_tokens: int
+    tool: str | None
+    age_s: float
+    history: list[dict[str, Any]]
+
+
+class DeletedIntercept(BaseModel):
+    """Body of `DELETE /v1/intercepts/{id}`."""
+
+    id: str
+    object: Literal["intercept"] = "intercept"
+    deleted: bool
+
+
+ERROR_RESPONSES = {int(status): {"model": ErrorResponse} for status in (
+    HTTPStatus.BAD_REQUEST, HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT)}
 
 
 class InterceptError(Exception):

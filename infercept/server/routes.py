@@ -8,26 +8,36 @@ add the `"infercept"` object to the response (to the last chunk of a stream).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from infercept.server.metrics import RESUME_LATENCY
 from infercept.server.protocol import (
+    ERROR_RESPONSES,
+    DeletedIntercept,
+    InterceptChatCompletionRequest,
+    InterceptCompletionRequest,
     InterceptError,
     InterceptExtension,
+    InterceptState,
     ResumeRequest,
     error_response,
     validation_message,
 )
-from infercept.server.service import RESUMED, Intercept, InterceptService, new_intercept_id
+from infercept.server.service import CANCELLED, RESUMED, Intercept, InterceptService, new_intercept_id
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
+# nginx's code for a request whose client closed the connection; nobody reads the response.
+_CLIENT_CLOSED_REQUEST = 499
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 # Request fields that describe one segment, not the session: not kept as a resume's defaults.
@@ -35,25 +45,24 @@ _SEGMENT_FIELDS = {"prompt", "messages", "stream", "stream_options", "max_tokens
                    "max_completion_tokens", "vllm_xargs", "infercept", "model", "n"}
 
 
-@router.post(COMPLETIONS)
-async def create_completion(raw_request: Request):
+_GENERATE_RESPONSES = {int(HTTPStatus.OK): {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES}
+
+
+# The typed `request` is validated as vLLM's own endpoint validates it, and
+# documents the route in /openapi.json; the raw JSON is what goes on to vLLM.
+@router.post(COMPLETIONS, responses=_GENERATE_RESPONSES)
+async def create_completion(request: InterceptCompletionRequest, raw_request: Request):
     return await _generate(raw_request, "completion")
 
 
-@router.post(CHAT)
-async def create_chat_completion(raw_request: Request):
+@router.post(CHAT, responses=_GENERATE_RESPONSES)
+async def create_chat_completion(request: InterceptChatCompletionRequest, raw_request: Request):
     return await _generate(raw_request, "chat")
 
 
-@router.post("/v1/intercepts/{intercept_id}/resume")
-async def resume_intercept(intercept_id: str, raw_request: Request):
+@router.post("/v1/intercepts/{intercept_id}/resume", responses=_GENERATE_RESPONSES)
+async def resume_intercept(intercept_id: str, resume: ResumeRequest, raw_request: Request):
     service = _service(raw_request)
-    try:
-        resume = ResumeRequest.model_validate(await _json_body(raw_request))
-    except ValidationError as error:
-        return error_response(HTTPStatus.BAD_REQUEST, validation_message(error))
-    except InterceptError as error:
-        return error.response()
     try:
         claimed = service.registry.claim(intercept_id)
     except InterceptError as error:
@@ -71,7 +80,8 @@ async def resume_intercept(intercept_id: str, raw_request: Request):
                       budget=resume.max_tokens or claimed.max_tokens)
 
 
-@router.get("/v1/intercepts/{intercept_id}")
+@router.get("/v1/intercepts/{intercept_id}", response_model=InterceptState,
+            responses=ERROR_RESPONSES)
 async def get_intercept(intercept_id: str, raw_request: Request):
     service = _service(raw_request)
     try:
@@ -80,7 +90,8 @@ async def get_intercept(intercept_id: str, raw_request: Request):
         return error.response()
 
 
-@router.delete("/v1/intercepts/{intercept_id}")
+@router.delete("/v1/intercepts/{intercept_id}", response_model=DeletedIntercept,
+               responses=ERROR_RESPONSES)
 async def delete_intercept(intercept_id: str, raw_request: Request):
     service = _service(raw_request)
     try:
@@ -89,6 +100,13 @@ async def delete_intercept(intercept_id: str, raw_request: Request):
         return error.response()
     await service.cancel(intercept)
     return JSONResponse({"id": intercept_id, "object": "intercept", "deleted": True})
+
+
+@router.api_route("/v1/intercepts/{path:path}", include_in_schema=False,
+                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def no_such_intercept_route(path: str):
+    """Any other path under /v1/intercepts (an id with a slash): 404 in OpenAI's shape."""
+    return error_response(HTTPStatus.NOT_FOUND, f"no intercept route {path!r}", "intercept_id")
 
 
 # ---- chat and completions --------------------------------------------------
@@ -133,15 +151,22 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         if claimed is not None:
             service.registry.release(claimed)
         return error_response(HTTPStatus.BAD_REQUEST, validation_message(error))
-    response = await original.endpoint(request, raw_request)
     session = _Segment(service, kind, body, spec["key"], claimed, extension, budget, started_s)
+    try:
+        response = await original.endpoint(request, raw_request)
+    except BaseException:
+        await asyncio.shield(session.abandon())
+        raise
+    if response is None:  # vLLM's `with_cancellation`: the client went away, vLLM aborted
+        await session.abandon()
+        return Response(status_code=_CLIENT_CLOSED_REQUEST)
     if isinstance(response, StreamingResponse):
         return StreamingResponse(session.stream(response.body_iterator),
                                  media_type="text/event-stream", headers=_headers(response))
-    data = json.loads(response.body)
     if response.status_code >= 400:
-        session.failed()
+        await session.abandon()
         return response
+    data = json.loads(response.body)
     info = await session.settle(_has_tool_calls(data), data.get("usage"))
     if info:
         data["infercept"] = info
@@ -158,9 +183,25 @@ class _Segment:
         self.service, self.kind, self.body, self.key = service, kind, body, key
         self.claimed, self.extension, self.budget, self.started_s = claimed, extension, budget, started_s
 
-    def failed(self) -> None:
-        if self.claimed is not None:
-            self.service.registry.release(self.claimed)
+    async def abandon(self) -> None:
+        """The segment ended without an answer (an error, or its client gone and vLLM's abort).
+
+        What it resumed stays resumable if the engine never took it, and is
+        cancelled if it did; if the segment itself paused, nobody will resume
+        it: it is cancelled too.
+        """
+        service = self.service
+        try:
+            admission = await service.call("admission", self.key)
+        except Exception:  # the engine is shutting down: nothing left to free
+            logger.warning("InferCept: no admission for abandoned request %s", self.key, exc_info=True)
+            admission = {"resumed_from": None}
+        if self.claimed is not None and admission["resumed_from"] is None:
+            service.registry.release(self.claimed)
+        elif self.claimed is not None or admission["resumed_from"] is not None:
+            service.registry.finish(admission["resumed_from"] or self.claimed.intercept_id, CANCELLED)
+        if "state" in admission:
+            await service.call("cancel", self.key)
 
     async def settle(self, has_tool_calls: bool, usage: dict | None) -> dict[str, Any]:
         service, info = self.service, {}
@@ -195,7 +236,7 @@ class _Segment:
 
     async def stream(self, chunks):
         """vLLM's event stream, with the `"infercept"` object in its last data chunk."""
-        held, has_tool_calls, buffer = None, False, ""
+        held, has_tool_calls, buffer, settled = None, False, "", False
         try:
             async for chunk in chunks:
                 buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
@@ -203,6 +244,7 @@ class _Segment:
                     event, buffer = buffer.split("\n\n", 1)
                     if event.strip() == "data: [DONE]":
                         info = await self.settle(has_tool_calls, None)
+                        settled = True
                         if held is not None:
                             yield _with_info(held, info, self.kind) + "\n\n"
                             held = None
@@ -217,7 +259,8 @@ class _Segment:
             if buffer:
                 yield buffer
         except BaseException:
-            self.failed()
+            if not settled:  # cancelled with its client: settle in the background
+                self.service.track(asyncio.ensure_future(self.abandon()))
             raise
 
 

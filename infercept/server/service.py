@@ -106,6 +106,7 @@ class InterceptService:
         self.registry = InterceptRegistry()
         self.stats: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Future] = set()
 
     async def call(self, method: str, *args):
         return await self.engine.engine_core.call_utility_async("infercept", method, *args)
@@ -113,6 +114,11 @@ class InterceptService:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._expire_loop()), loop.create_task(self._stats_loop())]
+
+    def track(self, task: asyncio.Future) -> None:
+        """Keep a background task referenced until it is done (asyncio holds only weak ones)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def cancel(self, intercept: Intercept, state: str = CANCELLED) -> None:
         self.registry.finish(intercept.intercept_id, state)

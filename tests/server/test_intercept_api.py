@@ -8,13 +8,12 @@ what the same conversation gets from a server with the stock `vllm` policy.
 
 from __future__ import annotations
 
-import json
 import re
-import time
 
 import httpx
 import pytest
 from server.conftest import TINY_SERVER_ARGS
+from server.helpers import wait_until_nothing_held
 
 pytestmark = pytest.mark.slow
 
@@ -149,15 +148,5 @@ def test_cancel_and_bad_input(tiny_server, tiny_model):
 
 
 def test_nothing_is_held_afterwards(tiny_server):
-    """After the tests above, no intercepted request holds KV (metrics poll once a second)."""
-    deadline = time.monotonic() + 10
-    while True:
-        metrics = httpx.get(f"{tiny_server.base_url}/metrics").text
-        held = [line for line in metrics.splitlines()
-                if line.startswith(("infercept:intercepted_requests{", "infercept:idle_device_tokens"))]
-        if held and all(line.endswith(" 0.0") for line in held):
-            break
-        assert time.monotonic() < deadline, held
-        time.sleep(0.5)
-    usage = [line for line in metrics.splitlines() if line.startswith("vllm:kv_cache_usage_perc")]
-    assert usage and all(float(line.rsplit(" ", 1)[1]) == 0.0 for line in usage)
+    """After the tests above, no intercepted request holds KV and no block is in use."""
+    wait_until_nothing_held(tiny_server.base_url)
