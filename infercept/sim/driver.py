@@ -29,7 +29,8 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from infercept.policy import Action, DurationEstimator, Intercepted, Location, make_policy
+from infercept.policy import (Action, DurationEstimator, Intercepted, Location, MinWastePolicy,
+                              make_policy)
 from infercept.sim.swapped import SwappedWatch
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class PolicyDriver:
         self.plan_every_iteration = plan_every_iteration
         self.decisions: Counter = Counter()  # action value -> count (location changes)
         self.num_plans = 0
-        self._uses_cpu = self.policy.name == "min-waste"
+        self._uses_cpu = isinstance(self.policy, MinWastePolicy)
         self._uses_ttl = self.policy.name == "ttl"
         self._next_expiry_s: float | None = None  # ttl: earliest expiry; None: recompute
         self._swapped = SwappedWatch(self.estimator)

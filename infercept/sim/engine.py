@@ -38,7 +38,8 @@ from infercept.sim.state import Session, SimRequest
 
 STOCK = "vllm"  # stock vLLM: an interception ends the request
 UNBOUNDED = "unbounded"  # preserve everything in a KV cache that never fills
-ENGINE_POLICIES = (STOCK, "discard", "preserve", "swap", "min-waste", "ttl", UNBOUNDED)
+ENGINE_POLICIES = (STOCK, "discard", "preserve", "swap", "min-waste", "min-waste-paper", "ttl",
+                   UNBOUNDED)
 
 PAUSE, FINISH = "pause", "finish"
 Event = tuple[str, Session, float]  # (kind, session, time_s)

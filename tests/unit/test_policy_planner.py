@@ -22,6 +22,9 @@ COST = CostModel(fwd_base_s=0.5, fwd_per_token_s=1 / 1024, saturation_tokens=256
                  swap_s_per_token=1 / 4096, kv_bytes_per_token=1000, block_size_tokens=16,
                  device_capacity_tokens=100_000, cpu_capacity_tokens=50_000)
 MIN_WASTE = make_policy("min-waste")
+# The paper's rule: discard whenever WasteChunkD < WastePreserve, memory pressure or not.
+# min-waste applies it only under pressure, so the waste rule's cases are worked out on it.
+PAPER = make_policy("min-waste-paper")
 
 
 def req(request_id: str, context_tokens: int, remaining_s: float, arrival_s: float = 0.0,
@@ -60,7 +63,7 @@ def test_without_cpu_space_a_moderate_call_is_preserved():
 
 def test_long_calls_are_swapped_while_the_budget_lasts_then_discarded():
     # each: WP = 30000, WasteChunkD = 11113.28125 (a tie): FCFS; 2 * 1000 <= 2048
-    plan = MIN_WASTE.plan([req("c", 1000, 30.0, arrival_s=3.0),
+    plan = PAPER.plan([req("c", 1000, 30.0, arrival_s=3.0),
                            req("a", 1000, 30.0, arrival_s=1.0),
                            req("b", 1000, 30.0, arrival_s=2.0)], batch(), COST)
     assert actions(plan) == {"a": Action.SWAP_OUT, "b": Action.SWAP_OUT,
@@ -72,10 +75,26 @@ def test_long_calls_are_swapped_while_the_budget_lasts_then_discarded():
     assert [d.request_id for d in plan.decisions] == ["a", "b", "c"]
 
 
+def test_min_waste_discards_only_under_memory_pressure():
+    # the case above: a and b swap out; c is cheaper to discard (11113.28 < WP 30000),
+    # but while nothing needs device memory min-waste keeps it where it is
+    calls = [req("c", 1000, 30.0, arrival_s=3.0), req("a", 1000, 30.0, arrival_s=1.0),
+             req("b", 1000, 30.0, arrival_s=2.0)]
+    free = MIN_WASTE.plan(calls, batch(), COST)
+    assert actions(free) == {"a": Action.SWAP_OUT, "b": Action.SWAP_OUT, "c": Action.PRESERVE}
+    pressed = MIN_WASTE.plan(calls, batch(device_tokens_needed=1), COST)
+    assert actions(pressed) == {"a": Action.SWAP_OUT, "b": Action.SWAP_OUT,
+                                "c": Action.DISCARD}
+    # under pressure, preserve still wins where it wastes less (remaining 11.1 s)
+    short = MIN_WASTE.plan([req("a", 1000, 11.1)],
+                           batch(free_cpu_tokens=0, device_tokens_needed=0), COST)
+    assert actions(short) == {"a": Action.PRESERVE}
+
+
 def test_largest_waste_swaps_first_and_smaller_ones_fill_the_budget():
     # min wastes: x 16286.13 > y 9412.5 > z 6184.57. x takes 1500 of 2048; y (800) does
     # not fit in the 548 left, z (500) does; y: 9412.5 < WP 24000 -> discard.
-    plan = MIN_WASTE.plan([req("x", 1500, 30.0, arrival_s=9.0), req("y", 800, 30.0),
+    plan = PAPER.plan([req("x", 1500, 30.0, arrival_s=9.0), req("y", 800, 30.0),
                            req("z", 500, 30.0, arrival_s=5.0)], batch(), COST)
     assert actions(plan) == {"x": Action.SWAP_OUT, "y": Action.DISCARD,
                              "z": Action.SWAP_OUT}
@@ -83,18 +102,18 @@ def test_largest_waste_swaps_first_and_smaller_ones_fill_the_budget():
 
 
 def test_equal_wastes_go_by_arrival_then_request_id():
-    same_arrival = MIN_WASTE.plan([req("b", 1500, 30.0), req("a", 1500, 30.0)], batch(),
+    same_arrival = PAPER.plan([req("b", 1500, 30.0), req("a", 1500, 30.0)], batch(),
                                   COST)
     assert actions(same_arrival) == {"a": Action.SWAP_OUT, "b": Action.DISCARD}
-    earlier_b = MIN_WASTE.plan([req("b", 1500, 30.0, arrival_s=0.0),
+    earlier_b = PAPER.plan([req("b", 1500, 30.0, arrival_s=0.0),
                                 req("a", 1500, 30.0, arrival_s=1.0)], batch(), COST)
     assert actions(earlier_b) == {"a": Action.DISCARD, "b": Action.SWAP_OUT}
 
 
 def test_decision_flips_as_the_estimate_grows():
     # no CPU: break-even at WP = WasteChunkD, i.e. remaining 11.11328125 s
-    below = MIN_WASTE.plan([req("a", 1000, 11.1)], batch(free_cpu_tokens=0), COST)
-    above = MIN_WASTE.plan([req("a", 1000, 11.2)], batch(free_cpu_tokens=0), COST)
+    below = PAPER.plan([req("a", 1000, 11.1)], batch(free_cpu_tokens=0), COST)
+    above = PAPER.plan([req("a", 1000, 11.2)], batch(free_cpu_tokens=0), COST)
     assert actions(below) == {"a": Action.PRESERVE}
     assert actions(above) == {"a": Action.DISCARD}
 
@@ -113,7 +132,7 @@ def test_prefetch_brings_back_a_request_about_to_resume():
 
 def test_prefetch_and_swap_out_share_the_budget():
     # prefetch takes 1000 of 2048; x needs 1500 -> discarded (16286.13 < WP 45000)
-    plan = MIN_WASTE.plan([req("s", 1000, 0.5, location=Location.CPU),
+    plan = PAPER.plan([req("s", 1000, 0.5, location=Location.CPU),
                            req("x", 1500, 30.0)], batch(free_device_tokens=1000), COST)
     assert actions(plan) == {"s": Action.SWAP_IN, "x": Action.DISCARD}
 
@@ -129,7 +148,7 @@ def test_a_cheap_swapped_request_is_discarded_to_make_cpu_space():
 
 def test_no_swapped_request_is_discarded_when_that_costs_as_much():
     # v's WasteChunkD (16286.13) equals x's min waste: not strictly cheaper, keep v
-    plan = MIN_WASTE.plan([req("x", 1500, 30.0),
+    plan = PAPER.plan([req("x", 1500, 30.0),
                            req("v", 1500, 100.0, location=Location.CPU)],
                           batch(free_cpu_tokens=0), COST)
     assert actions(plan) == {"x": Action.DISCARD, "v": Action.KEEP_SWAPPED}
@@ -191,7 +210,7 @@ def test_ttl_policy_preserves_until_the_time_to_live():
 
 
 def test_plan_helpers():
-    plan = MIN_WASTE.plan([req("x", 1500, 30.0), req("z", 500, 30.0),
+    plan = PAPER.plan([req("x", 1500, 30.0), req("z", 500, 30.0),
                            req("s", 300, 0.1, location=Location.CPU)],
                           batch(free_device_tokens=300), COST)
     assert plan.swap_in_tokens == 300
@@ -222,5 +241,5 @@ def test_invalid_inputs_are_rejected():
 
 
 def test_registry_names():
-    assert POLICY_NAMES == ("preserve", "discard", "swap", "min-waste", "ttl")
+    assert POLICY_NAMES == ("preserve", "discard", "swap", "min-waste", "min-waste-paper", "ttl")
     assert all(make_policy(name).name == name for name in POLICY_NAMES)

@@ -5,6 +5,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from infercept.policy.planner import EVICTED
 from infercept.policy import (POLICY_NAMES, VALID_ACTIONS, Action, BatchState, CostModel,
                               DurationEstimator, Intercepted, Location, make_policy)
 
@@ -99,14 +100,25 @@ def test_min_waste_stays_within_the_swap_budget(intercepted, batch, cost):
 @settings(max_examples=150, deadline=None)
 @given(intercepted_lists(), batches, costs)
 def test_min_waste_keeps_the_cheaper_of_preserve_and_discard(intercepted, batch, cost):
+    """The paper's rule (``min-waste-paper`` always, ``min-waste`` under pressure): a
+    device request it does not move keeps the cheaper of preserve and chunked discard.
+    Without pressure ``min-waste`` discards no device request at all."""
     unpressured = BatchState(batch.running_context_tokens, batch.batch_tokens,
                              batch.free_device_tokens, batch.free_cpu_tokens)
-    plan = make_policy("min-waste").plan(intercepted, unpressured, cost)
-    for d in plan.decisions:
-        if d.action is Action.PRESERVE:
-            assert d.waste_discard >= d.waste_preserve
-        if d.action is Action.DISCARD and d.location is Location.DEVICE:
-            assert d.waste_discard < d.waste_preserve
+    plans = [make_policy("min-waste-paper").plan(intercepted, unpressured, cost)]
+    if batch.device_tokens_needed > 0:
+        plans.append(make_policy("min-waste").plan(intercepted, batch, cost))
+    for plan in plans:
+        for d in plan.decisions:
+            if d.reason == EVICTED:
+                continue
+            if d.action is Action.PRESERVE:
+                assert d.waste_discard >= d.waste_preserve
+            if d.action is Action.DISCARD and d.location is Location.DEVICE:
+                assert d.waste_discard < d.waste_preserve
+    ours = make_policy("min-waste").plan(intercepted, unpressured, cost)
+    assert not [d for d in ours.decisions
+                if d.action is Action.DISCARD and d.location is Location.DEVICE]
 
 
 @settings(max_examples=150, deadline=None)
