@@ -104,8 +104,9 @@ class InterceptSchedulerMixin:
             common = blocks.common_prefix_len(
                 paused.request.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
             )
-            # The whole paused prompt at least: the same conversation.
-            if common >= paused.prompt_tokens and common > best_len:
+            # The whole paused prompt and some of what it generated: the same
+            # conversation (another agent may send the very same prompt).
+            if common > paused.prompt_tokens and common > best_len:
                 best, best_len = paused, common
         return self._take_paused(best.request_id) if best else None
 
@@ -227,8 +228,11 @@ class InterceptSchedulerMixin:
     def _resume(self, paused: Interception, request: Request) -> int:
         """Hand `paused`'s KV to `request`; returns the tokens it will not recompute."""
         old = paused.request
+        # At least the prompt's last token is computed, to sample from (vLLM
+        # asserts it: a prompt all covered by the KV would kill the engine).
         reusable = blocks.common_prefix_len(
-            old.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
+            old.all_token_ids, request.prompt_token_ids,
+            min(paused.num_kv_tokens, len(request.prompt_token_ids) - 1),
         )
         request.arrival_time = old.arrival_time
         self.policy_driver.observe_resume(paused)
