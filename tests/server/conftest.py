@@ -189,6 +189,12 @@ class ServerPool:
         self.server, self.key = server, key
         return server
 
+    def take(self) -> ServerProcess:
+        """The live server, forgotten by the pool: the caller stops it (a shutdown test)."""
+        server, self.server, self.key = self.server, None, None
+        assert server is not None, "no live server to take"
+        return server
+
     def close(self) -> None:
         """Stop the live server; fail unless it was still up and exited 0 on SIGINT."""
         server, self.server, self.key = self.server, None, None

@@ -211,6 +211,38 @@ def test_chat_intercept_is_not_resumed_through_the_completion_endpoint(tiny_serv
     assert httpx.delete(f"{base}/v1/intercepts/{intercept_id}").status_code == 200
 
 
+LONG_PROMPT = "Agents call tools: a calculator, a search engine, a game environment, a human."
+
+
+def test_resume_whose_prompt_the_paused_context_covers(tiny_server, tiny_model):
+    """A resume sending back the paused context or less (it once killed the engine core)."""
+    base, model = tiny_server.base_url, str(tiny_model)
+    body = {"model": model, "prompt": LONG_PROMPT, "max_tokens": 30, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "infercept": {"intercept_after": 5}}
+    for keep in ("paused context", "prompt"):
+        first = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+        choice, intercept_id = first["choices"][0], first["infercept"]["intercept_id"]
+        context = choice["prompt_token_ids"] + choice["token_ids"]
+        prompt = context[:-1] if keep == "paused context" else choice["prompt_token_ids"]
+        response = httpx.post(f"{base}/v1/completions", timeout=60, json={
+            "model": model, "prompt": prompt, "max_tokens": 3, "infercept": {"resume": intercept_id}})
+        assert response.status_code == 200, response.text
+        assert response.json()["infercept"]["resumed_from"] == intercept_id
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_same_prompt_from_another_client_takes_over_no_paused_request(tiny_server, tiny_model):
+    base, model = tiny_server.base_url, str(tiny_model)
+    first = pause_completion(base, model, prompt=LONG_PROMPT)["infercept"]
+    second = pause_completion(base, model, prompt=LONG_PROMPT)["infercept"]
+    assert "resumed_from" not in second
+    for info in (first, second):
+        assert intercept_state(base, info["intercept_id"]) in PAUSED_STATES
+        response = httpx.post(resume_url(base, info["intercept_id"]), timeout=60,
+                              json={"text": " ok", "infercept": {}})
+        assert response.json()["infercept"]["resumed_from"] == info["intercept_id"]
+
+
 def test_concurrent_resumes_of_one_intercept_admit_one(tiny_server, tiny_model):
     base = tiny_server.base_url
     intercept_id = pause_completion(base, str(tiny_model))["infercept"]["intercept_id"]
