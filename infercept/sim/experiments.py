@@ -6,6 +6,9 @@
 ``paper``: for each profile and workload, each policy's sustainable rate (bisection to
 ``--tolerance``) at the profile's SLO, and min-waste's ratios to the baselines.
 ``scaling``: the same for N replicas behind each router (rates are per cluster).
+``load``: N replicas behind each router at a fixed load per replica (``--rate-per-replica``),
+one run per policy: whether each meets the SLO, its p90, completed requests per second
+per replica, the follow-ups that landed away from their KV, and the recompute share.
 Every finished search is appended to ``results.jsonl`` in the output folder and skipped
 when the command runs again; ``table.md`` is rewritten from all of them.
 """
@@ -20,7 +23,8 @@ from typing import Any, Iterable
 
 from benchmarks.workload import AUGMENTATIONS, MIX
 from infercept.sim.profiles import PROFILES, load_profile
-from infercept.sim.runner import SimConfig, find_sustainable_rate, passes, trace_maker
+from infercept.sim.runner import (SimConfig, find_sustainable_rate, passes, simulate,
+                                  trace_maker)
 
 BASELINES = ("vllm", "preserve", "swap")
 # Start each search near the answer: per profile, a rate (req/s, one replica) around
@@ -58,6 +62,73 @@ def search(profile_name: str, workload: str, policy: str, *, duration_s: float, 
                  for r, x in sorted(runs.items())},
         "wall_s": round(time.perf_counter() - started, 1),
     }
+
+
+def load_point(profile_name: str, workload: str, policy: str, *, replicas: int, router: str,
+               rate_per_replica: float, duration_s: float, seed: int) -> dict[str, Any]:
+    """One run of ``replicas`` engines at ``rate_per_replica`` each (stopped once it surely
+    misses the SLO)."""
+    profile = _profile(profile_name)
+    rate = rate_per_replica * replicas
+    result = simulate(trace_maker(workload, duration_s, seed)(rate), profile, policy,
+                      SimConfig(replicas=replicas, router=router, abort_over_slo=True))
+    metrics, ok = result.metrics, passes(result, profile.slo_p90_s_per_token)
+    return {
+        "profile": profile_name, "workload": workload, "policy": policy,
+        "replicas": replicas, "router": router, "rate_per_replica": rate_per_replica,
+        "duration_s": duration_s, "seed": seed, "meets_slo": ok,
+        "p90_s_per_token": metrics.normalized_latency_p90_s_per_token if metrics else None,
+        "completed_requests_per_s_per_replica": (metrics.completed_requests_per_s / replicas
+                                                 if metrics and ok else None),
+        "recompute_share": metrics.recompute_share_of_forward_time if metrics else None,
+        "migrations": result.stats["migrations"], "aborted": result.stats["aborted"],
+        "wall_s": round(result.stats["wall_s"], 1),
+    }
+
+
+def load_table(entries: list[dict]) -> str:
+    lines = ["| replicas | router | policy | meets SLO | p90 (ms/token) | completed req/s "
+             "per replica | follow-ups away from their KV | recompute share |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in sorted(entries, key=lambda e: (e["replicas"], e["router"], e["policy"])):
+        p90 = "-" if e["p90_s_per_token"] is None else f"{e['p90_s_per_token'] * 1e3:.0f}"
+        done = e["completed_requests_per_s_per_replica"]
+        share = e["recompute_share"]
+        lines.append(f"| {e['replicas']} | {e['router']} | {e['policy']} | "
+                     f"{'yes' if e['meets_slo'] else 'no (stopped)'} | {p90} | "
+                     f"{_rate(done)} | {e['migrations']} | "
+                     f"{'-' if share is None else f'{share:.0%}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_load(args: argparse.Namespace) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "load.jsonl"
+    entries = _load(path)
+    fields = ("profile", "workload", "policy", "replicas", "router", "rate_per_replica",
+              "duration_s", "seed")
+    done = {tuple(e[f] for f in fields) for e in entries}
+    for profile in split(args.profiles):
+        for n in (int(n) for n in split(args.replicas)):
+            for router in split(args.routers):
+                if n == 1 and router != "affinity":
+                    continue
+                for policy in split(args.policies):
+                    key = (profile, split(args.workloads)[0], policy, n, router,
+                           args.rate_per_replica, args.duration_s, args.seed)
+                    if key in done:
+                        continue
+                    entry = load_point(profile, key[1], policy, replicas=n, router=router,
+                                       rate_per_replica=args.rate_per_replica,
+                                       duration_s=args.duration_s, seed=args.seed)
+                    entries.append(entry)
+                    with path.open("a") as f:
+                        f.write(json.dumps(entry) + "\n")
+                    print(f"{profile} x{n} {router} {policy}: meets SLO {entry['meets_slo']} "
+                          f"({entry['wall_s']} s)", flush=True)
+    table = load_table(entries)
+    (args.out / "load.md").write_text(table)
+    print(table)
 
 
 def _profile(name: str):
@@ -132,14 +203,15 @@ def paper_table(entries: list[dict]) -> str:
     for e in entries:
         if e["replicas"] == 1:
             rows.setdefault((e["profile"], e["workload"], e["prefix_caching"]), {})[e["policy"]] = e
-    policies = ("vllm", "discard", "preserve", "swap", "min-waste")
+    policies = ("vllm", "discard", "preserve", "swap", "min-waste-paper", "min-waste")
     lines = ["| profile | workload | APC | " + " | ".join(policies)
-             + " | min-waste / vllm | / preserve | / swap |",
-             "|---|---|---|" + "---|" * (len(policies) + 3)]
+             + " | min-waste / vllm | / preserve | / swap | paper rule / vllm |",
+             "|---|---|---|" + "---|" * (len(policies) + 4)]
     for (profile, workload, apc), by_policy in rows.items():
         rate = {p: by_policy[p]["sustainable_rate"] if p in by_policy else None for p in policies}
         cells = [profile, workload, "on" if apc else "off"] + [_rate(rate[p]) for p in policies]
         cells += [_ratio(rate["min-waste"], rate[b]) for b in BASELINES]
+        cells.append(_ratio(rate["min-waste-paper"], rate["vllm"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -166,7 +238,7 @@ def split(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m infercept.sim.experiments")
-    parser.add_argument("experiment", choices=("paper", "scaling"))
+    parser.add_argument("experiment", choices=("paper", "scaling", "load"))
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--workloads", default=",".join((MIX, *AUGMENTATIONS)))
     parser.add_argument("--policies", default="vllm,discard,preserve,swap,min-waste")
@@ -178,8 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=float, default=2.0,
                         help="factor between rates while bracketing the sustainable rate")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--rate-per-replica", type=float, default=4.0,
+                        help="load: requests/s per replica")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.experiment == "load":
+        run_load(args)
+        return
     common = {"duration_s": args.duration_s, "seed": args.seed,
               "prefix_caching": not args.no_prefix_caching}
     setups = [(1, "affinity")] if args.experiment == "paper" else [

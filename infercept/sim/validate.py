@@ -9,11 +9,15 @@ simulated side should use a profile loaded from the engine's measured cost model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+from infercept.policy import CostModel
+from infercept.policy.cost_model import fit_hinge
 
 COMPARED_METRICS = ("normalized_latency_mean_s_per_token", "normalized_latency_p90_s_per_token",
                     "output_tokens_per_s", "completed_requests_per_s")
@@ -98,3 +102,22 @@ def _runs(summary: Mapping[str, Any]) -> dict[tuple[str, float], Mapping[str, An
     """{(policy, rate): run} with rates rounded so that 0.1 + 0.2 matches 0.3."""
     return {(policy, round(float(run["rate"]), 9)): run
             for policy, entry in summary["policies"].items() for run in entry["runs"]}
+
+
+def cost_from_steps(steps: Iterable[tuple[int, float]], base: CostModel) -> CostModel:
+    """``base`` with its forward time refitted to measured engine steps.
+
+    ``steps``: (tokens forwarded, wall seconds) of each step of real runs. The fit is the
+    CostModel's own shape, ``fwd_base_s + fwd_per_token_s * max(0, tokens - saturation)``,
+    by ``fit_hinge``'s least squares; steps that forwarded nothing are left out. Unlike the
+    start-up profiler, which times the model's forward pass alone, a step's wall time also
+    holds vLLM's scheduling, sampling and output processing, and whatever else the machine
+    was doing: what a request waited for. docs/simulator.md reports both against
+    wall-clock runs.
+    """
+    points = [(int(n), float(s)) for n, s in steps if n > 0]
+    if len(points) < 2:
+        raise ValueError("need at least two steps that forwarded tokens")
+    base_s, per_token_s, saturation_tokens = fit_hinge(points)
+    return dataclasses.replace(base, fwd_base_s=base_s, fwd_per_token_s=per_token_s,
+                               saturation_tokens=max(1, saturation_tokens))

@@ -59,3 +59,21 @@ def test_missing_values_are_skipped_and_nothing_to_compare_fails(tmp_path):
     assert not validate(path, MEASURED).passed  # nothing shared
     with pytest.raises(ValueError):
         validate(simulated, MEASURED, tolerance=-1)
+
+
+def test_cost_from_steps_refits_forward_time_and_keeps_the_rest():
+    from infercept.policy import CostModel
+    from infercept.sim.validate import cost_from_steps
+
+    base = CostModel(fwd_base_s=0.002, fwd_per_token_s=1e-6, saturation_tokens=500,
+                     swap_s_per_token=1e-7, kv_bytes_per_token=1024, block_size_tokens=32,
+                     device_capacity_tokens=32768, cpu_capacity_tokens=65536)
+    steps = [(n, 0.05 + 1e-4 * max(0, n - 64)) for n in (1, 8, 30, 64, 128, 256, 300)]
+    cost = cost_from_steps(steps + [(0, 9.0)], base)  # a step that forwarded nothing: ignored
+    assert cost.fwd_base_s == pytest.approx(0.05)
+    assert cost.fwd_per_token_s == pytest.approx(1e-4)
+    assert cost.saturation_tokens == 64
+    assert cost.to_dict() | {"fwd_base_s": 0, "fwd_per_token_s": 0, "saturation_tokens": 0} \
+        == base.to_dict() | {"fwd_base_s": 0, "fwd_per_token_s": 0, "saturation_tokens": 0}
+    with pytest.raises(ValueError):
+        cost_from_steps([(10, 0.1)], base)

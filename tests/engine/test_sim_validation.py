@@ -1,0 +1,130 @@
+"""The simulator against the real engine on the same trace (issue 6, item 2).
+
+The benchmark's in-process replay runs the tiny model under InferCept's scheduler, and the
+simulator runs the same trace with the cost model the engine's start-up profiler measured.
+On this shared two-core machine a step of the real engine takes anywhere from 0.4 to 200 ms
+while the profiled forward pass takes ~3 ms (other processes, vLLM's Python around the
+model), so wall-clock latencies cannot be held to 15% here, nor to any bound a test could
+keep without flaking. The replay therefore runs on a virtual clock: each engine step takes
+the profile's ``forward_s`` of the tokens vLLM actually scheduled in it, tools take the
+trace's durations, and InferCept's scheduler and policy driver read the same clock. The
+engine is real (vLLM's scheduler, InferCept's scheduler, connector, estimator and planner;
+only time is virtual), so the test checks what the simulator models (batching, chunked
+prefill, prefix-cache reuse, pauses, resumes, the policy's decisions) and the metrics
+it derives from them:
+
+- tokens forwarded and recomputed, interceptions and completions: exactly equal;
+- normalized latency (mean and p90) and throughput (output tokens and completed requests
+  per second) per policy: within 15% (``validate``'s default), as the issue asks.
+
+How far the profile is from wall-clock steps is the profiler's accuracy, measured and
+reported in docs/simulator.md, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from kv_accounting import scheduler_of
+
+from benchmarks.backends import InterceptBackend
+from benchmarks.driver import replay
+from benchmarks.metrics import compute_run_metrics, write_summary
+from benchmarks.workload import AUGMENTATIONS, generate_trace
+from infercept.adapter import policy_driver as adapter_policy_driver
+from infercept.adapter import scheduler as adapter_scheduler
+from infercept.sim.profiles import profile_from_dict
+from infercept.sim.runner import SimConfig, simulate
+from infercept.sim.validate import validate
+
+POLICIES = ("preserve", "discard", "min-waste")
+NUM_SPECIAL_TOKENS = 5  # tests/tiny_model.py's special tokens take ids 0-4
+RATE = 4.0
+# The calculator's calls (90 us) end before the real loop's next step starts, which
+# neither engine can plan for consistently: left out of the mix.
+WORKLOADS = tuple(a for a in AUGMENTATIONS if a != "arithmetic")
+
+
+class VirtualClock:
+    """Seconds since the run started, advanced by engine steps and by the replay's sleeps."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.now_s += max(0.0, seconds)
+
+
+class _Time:
+    """The ``time`` module, with ``monotonic`` read from a virtual clock."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.monotonic = clock
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def trace(tiny_model):
+    vocab_size = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    return generate_trace("mix", 8, RATE, 0, time_scale=0.1, length_scale=0.05,
+                          mix_weights={a: 1.0 for a in WORKLOADS}, vocab_size=vocab_size,
+                          excluded_token_ids=range(NUM_SPECIAL_TOKENS))
+
+
+def replay_on_virtual_clock(llm, policy, trace, cost, monkeypatch):
+    """Replay ``trace``; every step lasts ``cost.forward_s`` of the tokens it scheduled."""
+    clock = VirtualClock()
+    monkeypatch.setattr(adapter_policy_driver, "time", _Time(clock))
+    monkeypatch.setattr(adapter_scheduler, "time", _Time(clock))
+    scheduler = scheduler_of(llm)
+    update_from_output = scheduler.update_from_output
+
+    def timed_update(scheduler_output, *args, **kwargs):
+        # the step's forward pass ends before vLLM reads its output: pauses are stamped then
+        tokens = scheduler_output.total_num_scheduled_tokens
+        clock.now_s += cost.forward_s(tokens) if tokens else 0.0
+        return update_from_output(scheduler_output, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "update_from_output", timed_update)
+    try:
+        with InterceptBackend(policy, llm=llm) as backend:
+            backend.reset()
+            return replay(backend, trace, drain_s=600.0, clock=clock, sleep=clock.sleep)
+    finally:
+        monkeypatch.undo()
+
+
+def test_simulator_matches_the_engine_on_the_same_trace(intercept_llm, trace, monkeypatch,
+                                                         tmp_path):
+    llm = intercept_llm(POLICIES[0])
+    cost = scheduler_of(llm).policy_driver.cost  # the start-up profiler's measurement
+    limits = llm.llm_engine.vllm_config.scheduler_config
+    profile = profile_from_dict({**cost.to_dict(), "max_num_seqs": limits.max_num_seqs,
+                                 "max_num_batched_tokens": limits.max_num_batched_tokens})
+    measured, simulated = {}, {}
+    for policy in POLICIES:
+        real = replay_on_virtual_clock(intercept_llm(policy), policy, trace, cost, monkeypatch)
+        sim = simulate(trace, profile, policy, SimConfig())
+        assert sim.counters.forwarded_tokens == real.counters.forwarded_tokens, policy
+        assert sim.counters.recomputed_tokens == real.counters.recomputed_tokens, policy
+        assert ([r.num_interceptions for r in sim.records]
+                == [r.num_interceptions for r in real.records]), policy
+        assert all(r.completed for r in real.records + list(sim.records)), policy
+        # the virtual clock times no transfers: the sim must find them (nearly) all hidden
+        assert sim.stats["swap_stall_s"] <= 0.01 * sim.counters.forward_s, policy
+        measured[policy] = {RATE: compute_run_metrics(real.records, real.counters)}
+        simulated[policy] = {RATE: sim.metrics}
+    assert measured["discard"][RATE].recompute_share_of_forwarded_tokens > 0
+    assert measured["preserve"][RATE].recompute_share_of_forwarded_tokens == 0
+    report = validate(write_summary(simulated, profile.slo_p90_s_per_token, tmp_path / "sim")[0],
+                      write_summary(measured, profile.slo_p90_s_per_token, tmp_path / "real")[0])
+    print(report.markdown())
+    assert report.passed, report.markdown()
+    assert len(report.comparisons) == 4 * len(POLICIES)
