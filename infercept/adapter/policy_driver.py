@@ -34,6 +34,7 @@ class InterceptStats:
     forwarded_tokens: int = 0
     recomputed_tokens: int = 0
     preemptions: int = 0
+    expired: int = 0  # paused requests released after the intercept timeout
 
 
 class PolicyDriver:
@@ -191,6 +192,7 @@ class PolicyDriver:
             "forwarded_tokens": stats.forwarded_tokens,
             "recomputed_tokens": stats.recomputed_tokens,
             "preemptions": stats.preemptions,
+            "expired": stats.expired,
             "bytes_swapped_out": self.swap.bytes_swapped_out if self.swap else 0,
             "bytes_swapped_in": self.swap.bytes_swapped_in if self.swap else 0,
             "free_cpu_blocks": self.swap.allocator.num_free_blocks if self.swap else 0,

@@ -279,6 +279,8 @@ class InterceptSchedulerMixin:
         discard, swap back in), then vLLM schedules as usual.
         """
         if self.intercepts:
+            self._expire_paused(time.monotonic())
+        if self.intercepts:
             self.policy_driver.step()
         cap = self._recompute_chunk_cap()
         if cap is None:
@@ -292,6 +294,20 @@ class InterceptSchedulerMixin:
             return super().schedule(*args, **kwargs)
         finally:
             config.long_prefill_token_threshold = saved
+
+    def _expire_paused(self, now_s: float) -> None:
+        """Release paused requests never resumed within `intercept_timeout_s`.
+
+        A backstop for front-ends that lose track of a pause (a client gone, a
+        tool that never answers): the memory comes back while the engine runs.
+        A later resume naming an expired request recomputes it from its prompt.
+        """
+        timeout_s = self.intercept_config.intercept_timeout_s
+        expired = [p.request_id for p in self.intercepts.values() if now_s - p.paused_at_s > timeout_s]
+        if expired:
+            logger.info("releasing %d paused request(s) not resumed within %.1f s", len(expired), timeout_s)
+            self.policy_driver.stats.expired += len(expired)
+            self.finish_requests(expired, RequestStatus.FINISHED_ABORTED)
 
     def _recompute_chunk_cap(self) -> int | None:
         # A mark lives until its request has recomputed past it.

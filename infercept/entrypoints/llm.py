@@ -48,6 +48,12 @@ class Augmentation:
     after `end` (tokenized on its own); it may be an `async def`. `on_error`
     says what a raising call appends: "skip" (nothing), "raise" (abort the
     whole batch and re-raise), or a function of the exception.
+
+    A call that has not returned after `timeout_s` (None: the LLM's
+    `intercept_timeout_s`, 600 s by default) fails with `ToolTimeoutError`,
+    handled by `on_error` like any other error, so a hung tool cannot hold its
+    request's KV cache forever. An `async def` call is cancelled then; a plain
+    function cannot be stopped and keeps its worker thread until it returns.
     """
 
     name: str
@@ -56,10 +62,13 @@ class Augmentation:
     call: Callable[[str], Any]
     on_error: ErrorHandler = "skip"
     expected_duration_s: float | None = None  # a hint for the policy's duration estimate
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.start or not self.end or self.start == self.end:
             raise ValueError("an augmentation needs distinct, non-empty start and end markers")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"augmentation {self.name!r}: timeout_s must be > 0")
         if not callable(self.call):
             raise TypeError(f"augmentation {self.name!r}: call must be callable")
         _check_error_handler(self.on_error)
@@ -113,6 +122,10 @@ def find_call(text: str, augmentations: Sequence[Augmentation],
     end_at = end_pos - len(aug.end)
     start_at = text.rfind(aug.start, 0, end_at)
     return aug, None if start_at < 0 else text[start_at + len(aug.start) : end_at]
+
+
+class ToolTimeoutError(TimeoutError):
+    """A tool call did not return within its timeout."""
 
 
 @dataclass
@@ -207,6 +220,7 @@ class _Run:
     pause_of_record: list[int] = field(default_factory=list)  # engine interception index per record
     num_pauses: int = 0
     futures: list[concurrent.futures.Future] = field(default_factory=list)
+    deadline_s: float = float("inf")  # when the running tools count as failed (monotonic)
     calls: list[Any] = field(default_factory=list)  # what each future answers
     messages: list[dict] = field(default_factory=list)  # chat only
     turn_start: int = 0  # chat: first segment of the current assistant turn
@@ -264,6 +278,7 @@ class _Driver:
                         if session.state is SessionState.INTERCEPTED:
                             run.num_pauses += 1
                             run.futures, run.calls = self.intercepted(run)
+                            run.deadline_s = time.monotonic() + self.timeout_s(run)
                             self._waiting.append(run)
                         else:
                             outputs[run.index] = self._finish(run)
@@ -284,20 +299,28 @@ class _Driver:
         return self.finished(run)
 
     def _collect(self, block: bool) -> list[_Run]:
-        """Resume every session whose tools are done; returns those that ended instead."""
+        """Resume every session whose tools are done or timed out; returns those that ended instead."""
         if block:
             pending = [f for run in self._waiting for f in run.futures if not f.done()]
             if pending:
-                concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-        ended = []
-        for run in [r for r in self._waiting if all(f.done() for f in r.futures)]:
+                wait_s = max(0.0, min(r.deadline_s for r in self._waiting) - time.monotonic())
+                concurrent.futures.wait(pending, timeout=wait_s, return_when=concurrent.futures.FIRST_COMPLETED)
+        ended, now_s = [], time.monotonic()
+        for run in [r for r in self._waiting if now_s >= r.deadline_s or all(f.done() for f in r.futures)]:
             self._waiting.remove(run)
-            outcomes = [f.result() for f in run.futures]
+            outcomes = [self._outcome(run, f) for f in run.futures]
             run.futures = []
             self.tools_done(run, outcomes)
             if run.session.state is SessionState.FINISHED:  # no budget left after the result
                 ended.append(run)
         return ended
+
+    def _outcome(self, run: _Run, future: concurrent.futures.Future) -> _Outcome:
+        if future.done() and not future.cancelled():
+            return future.result()
+        future.cancel()  # an async tool stops; a thread cannot be stopped
+        timeout_s = self.timeout_s(run)
+        return _Outcome(None, ToolTimeoutError(f"the tool did not return within {timeout_s:g} s"), timeout_s)
 
     def _abort_all(self) -> None:
         for run in self._waiting:
@@ -310,6 +333,10 @@ class _Driver:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     # ---- what subclasses define ---------------------------------------------
+
+    def timeout_s(self, run: _Run) -> float:
+        """How long the tools of a paused session may take (the LLM's intercept timeout)."""
+        return self.llm.intercept_config.intercept_timeout_s
 
     def intercepted(self, run: _Run) -> tuple[list[concurrent.futures.Future], list[Any]]:
         """A session paused: start its tools; returns their futures and what each answers."""
@@ -349,6 +376,11 @@ class _Generation(_Driver):
         if args is None:
             return [_failed(ValueError(f"no {aug.start!r} before {aug.end!r}"))], [call]
         return [self.llm._tools.submit(aug.call, args)], [call]
+
+    def timeout_s(self, run: _Run) -> float:
+        if run.calls and run.calls[0][0].timeout_s is not None:
+            return run.calls[0][0].timeout_s
+        return super().timeout_s(run)
 
     def tools_done(self, run: _Run, outcomes: list[_Outcome]) -> None:
         session = run.session
@@ -517,8 +549,10 @@ class LLM(vllm.LLM):
     """A drop-in for `vllm.LLM` whose requests pause for tools, keeping their place (InferCept).
 
     Takes vLLM's engine arguments, plus InferCept's settings: the policy for
-    paused requests' KV cache, the CPU swap space, and the timeout after which
-    a paused request that was never resumed is dropped. `model` must be a
+    paused requests' KV cache, the CPU swap space, and `intercept_timeout_s`
+    (600 s by default): how long a tool may take before it counts as failed
+    (`Augmentation.timeout_s` overrides it per augmentation), and after which
+    the engine releases a paused request that was never resumed. `model` must be a
     local folder (nothing is downloaded); None serves the embedded default
     model. `tool_workers` caps the threads that run plain-function tools.
     """
