@@ -1,0 +1,219 @@
+"""Many concurrent tool-using agents against a live `infercept serve`, all through `openai`.
+
+Each agent runs a completion that pauses after a few tokens for a tool call
+(`"infercept": {"intercept_after": ...}`), sleeps for the tool's duration
+(sub-second, varied), resumes the intercept with the tool's result
+(`POST /v1/intercepts/{id}/resume` through the client's generic `post`), and
+so on for every tool call; the last segment runs to the end of the budget.
+Greedy decoding makes every conversation's text a pure function of its
+script, so each agent's transcript must equal that of the same script run
+alone before the load.
+
+The suite runs it reduced (tests/server/test_reliability_load.py). The full
+size, on a server of its own (the same arguments as the suite's):
+
+    .venv/bin/python tests/server/load.py --agents 1000 --tool-calls 6
+
+`--base-url URL --model NAME` aims it at a server already running instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The swap policy with a device cache that holds a fraction of the paused
+# agents and a CPU swap space that holds fewer still: intercepted requests are
+# swapped out until the swap space runs out, then discarded (recomputed at
+# resume), and vLLM preempts running ones. 1 KiB of KV per token for the tiny model:
+# 2 MiB = 64 blocks of 32 tokens, 1 MiB of swap = 32 blocks.
+LOAD_SERVER_ARGS = (
+    "--max-model-len", "1024",
+    "--kv-cache-memory-bytes", "2M",
+    "--block-size", "32",
+    "--dtype", "float32",
+    "--enforce-eager",
+    "--intercept-policy", "swap",
+    "--swap-space-bytes", "1M",
+)  # fmt: skip
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France?",
+    "Compute 12 * 7 with the calculator.",
+    "Search the web for the tallest mountain, then answer in one sentence.",
+    "def add(a, b):",
+    '{"name": "search", "arguments": {"query": "weather in Paris"}}',
+    "Agents call tools: a calculator, a search engine, a game environment, a human.",
+    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \"",
+]
+REQUEST_TIMEOUT_S = 600.0
+# uvicorn closes a connection idle for 5 s; a client that keeps it as long may
+# send on it as it closes (a connection error that is no fault of the server).
+KEEPALIVE_EXPIRY_S = 2.0
+
+
+@dataclass(frozen=True)
+class Script:
+    """What an agent says: its prompt, and each tool call's result."""
+
+    prompt: str
+    results: tuple[str, ...]
+    tokens_per_segment: int
+
+
+@dataclass
+class Transcript:
+    texts: list[str] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+
+    def output(self) -> tuple:
+        return tuple(self.texts), tuple(self.completion_tokens)
+
+
+def make_scripts(num_scripts: int, tool_calls: int, tokens_per_segment: int) -> list[Script]:
+    return [Script(PROMPTS[k % len(PROMPTS)] + f" ({k})",
+                   tuple(f" -> result {k}.{t} = {k * 7 + t}" for t in range(tool_calls)),
+                   tokens_per_segment)
+            for k in range(num_scripts)]
+
+
+async def run_agent(client, model: str, script: Script, durations_s: list[float]) -> Transcript:
+    """One conversation; every segment but the last pauses for a tool call."""
+    from openai.types import Completion
+
+    tokens = script.tokens_per_segment
+    budget = tokens * (len(script.results) + 1)
+    transcript, previous_id = Transcript(), None
+
+    def extension(turn: int) -> dict:
+        if turn == len(script.results):
+            return {}
+        return {"intercept_after": tokens, "tool": f"tool-{turn % 3}", "expected_duration_s": durations_s[turn]}
+
+    for turn in range(len(script.results) + 1):
+        started_s = time.monotonic()
+        if turn == 0:
+            reply = await client.completions.create(
+                model=model, prompt=script.prompt, max_tokens=budget, temperature=0,
+                extra_body={"ignore_eos": True, "infercept": extension(0)})
+        else:
+            await asyncio.sleep(durations_s[turn - 1])  # the tool runs
+            started_s = time.monotonic()
+            reply = await client.post(
+                f"/intercepts/{previous_id}/resume", cast_to=Completion,
+                body={"text": script.results[turn - 1], "infercept": extension(turn)})
+        transcript.latencies_s.append(time.monotonic() - started_s)
+        transcript.texts.append(reply.choices[0].text)
+        transcript.completion_tokens.append(reply.usage.completion_tokens)
+        info = reply.model_extra.get("infercept") or {}
+        if turn > 0 and info.get("resumed_from") != previous_id:
+            raise AssertionError(f"turn {turn} resumed {info.get('resumed_from')}, not {previous_id}")
+        previous_id = info.get("intercept_id")
+        if (previous_id is None) != (turn == len(script.results)):
+            raise AssertionError(f"turn {turn}: {info}")
+    return transcript
+
+
+@dataclass
+class LoadReport:
+    num_agents: int
+    num_requests: int
+    total_s: float
+    turn_latency_s: dict[str, float]
+    errors: list[str]
+    mismatches: list[int]
+
+    def describe(self) -> str:
+        latency = ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in self.turn_latency_s.items())
+        return (f"{self.num_agents} agents, {self.num_requests} requests in {self.total_s:.1f} s "
+                f"({self.num_requests / self.total_s:.1f} req/s); per turn: {latency}; "
+                f"{len(self.errors)} errors, {len(self.mismatches)} wrong transcripts")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "max": max(values)}
+
+
+async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: int,
+                   tokens_per_segment: int, num_scripts: int, seed: int = 0,
+                   timeout_s: float = 1800.0) -> LoadReport:
+    """The scripts alone first (the reference), then all agents at once."""
+    import httpx
+    import openai
+
+    scripts = make_scripts(num_scripts, tool_calls, tokens_per_segment)
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=num_agents + 10, max_keepalive_connections=num_agents,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=REQUEST_TIMEOUT_S)
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="EMPTY", max_retries=0,
+                                  http_client=http_client) as client:
+        reference = [(await run_agent(client, model, s, [0.0] * tool_calls)).output() for s in scripts]
+        plans = [(j % num_scripts, [rng.uniform(0.05, 0.95) for _ in range(tool_calls)])
+                 for j in range(num_agents)]
+        started_s = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(
+            *(run_agent(client, model, scripts[k], durations) for k, durations in plans),
+            return_exceptions=True), timeout_s)
+        total_s = time.monotonic() - started_s
+    errors = [f"agent {j}: {r!r} ({r.__cause__!r})" for j, r in enumerate(results)
+              if isinstance(r, BaseException)]
+    transcripts = [(j, r) for j, r in enumerate(results) if not isinstance(r, BaseException)]
+    mismatches = [j for j, r in transcripts if r.output() != reference[plans[j][0]]]
+    latencies = [s for _, r in transcripts for s in r.latencies_s]
+    return LoadReport(num_agents, len(latencies), total_s, percentiles(latencies) if latencies else {},
+                      errors, mismatches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--tool-calls", type=int, default=6)
+    parser.add_argument("--tokens-per-segment", type=int, default=8)
+    parser.add_argument("--scripts", type=int, default=16, help="distinct conversations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-url", help="a running server (default: start one on the tiny model)")
+    parser.add_argument("--model", help="the served model's name (with --base-url)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (tiny_model, server)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (benchmarks)
+    from server.conftest import ServerProcess
+    from server.helpers import memory_samples, wait_until_nothing_held
+    from tiny_model import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None
+        base_url, model = args.base_url, args.model
+        if base_url is None:
+            model = str(build_tiny_model(Path(tmp) / "tiny-model"))
+            server = ServerProcess([model, *LOAD_SERVER_ARGS], Path(tmp) / "server.log").start()
+            base_url = server.base_url
+            print(f"server: infercept serve {' '.join(server.command[2:])}", flush=True)
+        try:
+            report = asyncio.run(run_load(base_url, model, num_agents=args.agents,
+                                          tool_calls=args.tool_calls,
+                                          tokens_per_segment=args.tokens_per_segment,
+                                          num_scripts=args.scripts, seed=args.seed))
+            print(report.describe())
+            print(json.dumps({**report.__dict__, "errors": report.errors[:5]}, indent=1))
+            if not report.errors:  # an agent that failed leaves its intercept to the timeout
+                wait_until_nothing_held(base_url, timeout_s=60)
+            print("afterwards:", memory_samples(base_url))
+        finally:
+            if server is not None:
+                print("server stopped:", server.stop())
+    return 0 if not report.errors and not report.mismatches else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
