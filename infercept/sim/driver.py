@@ -9,6 +9,9 @@ check both give the same run):
 
 - A request whose KV was discarded (NONE) only ever gets KEEP_DISCARDED and changes no
   other decision (no policy budgets for it): never passed.
+- min-waste without memory pressure only swaps out preserved requests whose context fits
+  the iteration's swap budget; the others stay preserved whatever the plan says about the
+  rest: only those that fit are passed.
 - Swapped requests (CPU) only matter to min-waste, which prefetches one that resumes
   soon (remaining_s <= swap_s(C) + forward_s(batch_tokens)) and discards some to make CPU
   room for a swap-out. All are passed when CPU room could run short (the preserved
@@ -104,6 +107,13 @@ class PolicyDriver:
         if not device and not due:
             return [], None
         batch = engine.batch_state()
+        if device and batch.device_tokens_needed == 0 and not self.policy.discard_without_pressure:
+            # no pressure: a preserved request whose context exceeds the swap budget stays
+            # preserved and takes nothing from the others' budget
+            budget_tokens = engine.cost.swap_budget_tokens(batch.batch_tokens)
+            device = [r for r in device if r.kv_tokens <= budget_tokens]
+            if not device and not due:
+                return [], batch
         if device and sum(r.kv_tokens for r in device) > batch.free_cpu_tokens:
             # swapped requests may be discarded to make room: pass them all
             return device + list(engine.intercepted_on(Location.CPU)), batch
