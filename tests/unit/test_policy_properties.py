@@ -5,9 +5,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infercept.policy.planner import EVICTED
 from infercept.policy import (POLICY_NAMES, VALID_ACTIONS, Action, BatchState, CostModel,
                               DurationEstimator, Intercepted, Location, make_policy)
+from infercept.policy.planner import EVICTED
 
 costs = st.builds(
     CostModel,
