@@ -104,9 +104,10 @@ class InterceptSchedulerMixin:
             common = blocks.common_prefix_len(
                 paused.request.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
             )
-            # The whole paused prompt and some of what it generated: the same
-            # conversation (another agent may send the very same prompt).
-            if common > paused.prompt_tokens and common > best_len:
+            # The whole paused prompt, and more: the same conversation going on
+            # (another agent may send the very same prompt).
+            going_on = len(request.prompt_token_ids) > paused.prompt_tokens
+            if going_on and common >= paused.prompt_tokens and common > best_len:
                 best, best_len = paused, common
         return self._take_paused(best.request_id) if best else None
 
