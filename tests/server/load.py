@@ -55,9 +55,6 @@ PROMPTS = [
     "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \"",
 ]
 REQUEST_TIMEOUT_S = 600.0
-# uvicorn closes a connection idle for 5 s; a client that keeps it as long may
-# send on it as it closes (a connection error that is no fault of the server).
-KEEPALIVE_EXPIRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -131,12 +128,14 @@ class LoadReport:
     turn_latency_s: dict[str, float]
     errors: list[str]
     mismatches: list[int]
+    divergence_turns: dict[int, int] = field(default_factory=dict)  # first differing turn: agents
 
     def describe(self) -> str:
         latency = ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in self.turn_latency_s.items())
         return (f"{self.num_agents} agents, {self.num_requests} requests in {self.total_s:.1f} s "
                 f"({self.num_requests / self.total_s:.1f} req/s); per turn: {latency}; "
-                f"{len(self.errors)} errors, {len(self.mismatches)} wrong transcripts")
+                f"{len(self.errors)} errors, {len(self.mismatches)} wrong transcripts"
+                + (f" (first wrong turn: agents {self.divergence_turns})" if self.mismatches else ""))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -153,8 +152,10 @@ async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: in
 
     scripts = make_scripts(num_scripts, tool_calls, tokens_per_segment)
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=num_agents + 10, max_keepalive_connections=num_agents,
-                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    # No keep-alive: uvicorn closes a connection idle for 5 s, and a client whose
+    # event loop lags under load may send on one as it closes (a reset that is
+    # no fault of the server).
+    limits = httpx.Limits(max_connections=num_agents + 10, max_keepalive_connections=0)
     http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=REQUEST_TIMEOUT_S)
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="EMPTY", max_retries=0,
                                   http_client=http_client) as client:
@@ -170,9 +171,14 @@ async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: in
               if isinstance(r, BaseException)]
     transcripts = [(j, r) for j, r in enumerate(results) if not isinstance(r, BaseException)]
     mismatches = [j for j, r in transcripts if r.output() != reference[plans[j][0]]]
+    divergence_turns: dict[int, int] = {}
+    for j in mismatches:
+        texts, expected = results[j].texts, reference[plans[j][0]][0]
+        turn = next((t for t in range(len(expected)) if texts[t] != expected[t]), len(expected))
+        divergence_turns[turn] = divergence_turns.get(turn, 0) + 1
     latencies = [s for _, r in transcripts for s in r.latencies_s]
     return LoadReport(num_agents, len(latencies), total_s, percentiles(latencies) if latencies else {},
-                      errors, mismatches)
+                      errors, mismatches, divergence_turns)
 
 
 def main(argv: list[str] | None = None) -> int:
