@@ -33,23 +33,22 @@ def _serve(conn, engine_kwargs: dict) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-class StockReference:
-    """Greedy continuations from stock vLLM for given token prompts."""
+class ChildEngine:
+    """An engine served by `serve(conn, engine_kwargs)` in a spawned child process.
 
-    def __init__(self, engine_kwargs: dict):
+    The child says "ready" once its engine is built, then answers one message
+    at a time until it receives None. A child that starts processes of its own
+    (tensor-parallel workers) cannot be a daemon.
+    """
+
+    def __init__(self, serve, engine_kwargs: dict, daemon: bool = True, start_timeout_s: float = 300):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, engine_kwargs), daemon=True)
+        self._proc = ctx.Process(target=serve, args=(child, engine_kwargs), daemon=daemon)
         self._proc.start()
-        if not self._conn.poll(300) or self._conn.recv() != "ready":
-            raise RuntimeError("stock vLLM reference engine did not start")
-
-    def generate(self, prompts: list[list[int]], max_tokens: list[int] | int) -> list[list[int]]:
-        if isinstance(max_tokens, int):
-            max_tokens = [max_tokens] * len(prompts)
-        params = [dict(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-        self._conn.send((prompts, params))
-        return self._conn.recv()
+        if not self._conn.poll(start_timeout_s) or self._conn.recv() != "ready":
+            self.close()
+            raise RuntimeError(f"{type(self).__name__}: the engine in the child process did not start")
 
     def close(self) -> None:
         if self._proc.is_alive():
@@ -57,3 +56,17 @@ class StockReference:
             self._proc.join(60)
         if self._proc.is_alive():
             self._proc.kill()
+
+
+class StockReference(ChildEngine):
+    """Greedy continuations from stock vLLM for given token prompts."""
+
+    def __init__(self, engine_kwargs: dict):
+        super().__init__(_serve, engine_kwargs)
+
+    def generate(self, prompts: list[list[int]], max_tokens: list[int] | int) -> list[list[int]]:
+        if isinstance(max_tokens, int):
+            max_tokens = [max_tokens] * len(prompts)
+        params = [dict(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        self._conn.send((prompts, params))
+        return self._conn.recv()

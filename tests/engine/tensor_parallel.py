@@ -11,9 +11,10 @@ switched between runs.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from types import SimpleNamespace
+
+from reference import ChildEngine
 
 
 def _worker_swap_counters(worker) -> dict:
@@ -68,17 +69,11 @@ def _serve(conn, engine_kwargs: dict) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-class TensorParallelEngine:
+class TensorParallelEngine(ChildEngine):
     """`run(policy, scripts)` -> sessions and block accounting from a TP=2 InferCept engine."""
 
-    def __init__(self, engine_kwargs: dict, start_timeout_s: float = 300):
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, engine_kwargs), daemon=False)
-        self._proc.start()
-        if not self._conn.poll(start_timeout_s) or self._conn.recv() != "ready":
-            self.close()
-            raise RuntimeError("the tensor-parallel InferCept engine did not start")
+    def __init__(self, engine_kwargs: dict):
+        super().__init__(_serve, engine_kwargs, daemon=False)
 
     def run(self, policy: str, scripts, timeout_s: float = 300) -> dict:
         self._conn.send((policy, scripts))
@@ -88,10 +83,3 @@ class TensorParallelEngine:
         if isinstance(result, Exception):
             raise result
         return result
-
-    def close(self) -> None:
-        if self._proc.is_alive():
-            self._conn.send(None)
-            self._proc.join(60)
-        if self._proc.is_alive():
-            self._proc.kill()

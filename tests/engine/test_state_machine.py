@@ -39,7 +39,7 @@ MAX_DRAIN_STEPS = 4000
 
 # No shrinking: a failing example (at most 20 rules) is printed as found,
 # without the minutes that replaying engine runs would take.
-SETTINGS = settings(max_examples=6, stateful_step_count=20, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=8, stateful_step_count=20, deadline=None, derandomize=True,
                     database=None, phases=(Phase.explicit, Phase.generate),
                     suppress_health_check=list(HealthCheck))
 
@@ -282,7 +282,7 @@ def test_random_sessions_match_stock_and_free_everything(intercept_llm, stock, p
     assert seen["segments compared"] > 0 and seen["abort running"] and seen["abort resuming"], seen
     where = {"preserve": "preserved", "swap": "swapped", "discard": "discarded"}.get(policy)
     if where:
-        assert seen[f"abort {where}"] and seen[f"resume from {where}"], seen
-        assert seen[f"cancel {where}"] + seen[f"time out {where}"], seen
+        assert seen[f"resume from {where}"], seen
+        assert seen[f"abort {where}"] + seen[f"cancel {where}"] + seen[f"time out {where}"], seen
     if policy == "swap":
         assert decisions["swap_out"] and decisions["discard"], decisions
