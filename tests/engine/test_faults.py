@@ -70,7 +70,7 @@ def test_swap_space_that_runs_out_falls_back_to_discard(intercept_llm, stock):
     assert check_equivalent(stock, sessions) == 16 * len(scripts)
 
 
-@pytest.mark.parametrize("policy", ["preserve", "swap", "min-waste", "ttl"])
+@pytest.mark.parametrize("policy", ["preserve", "swap", "min-waste"])
 def test_device_cache_too_small_for_all_paused_requests(intercept_llm, stock, policy):
     """More paused context than the whole device cache: no deadlock, every request finishes."""
     llm = intercept_llm(policy, **ENGINE)
