@@ -17,6 +17,7 @@ VLLM_VERSION = "0.32.0"
 _LAZY = {
     "LLM": "infercept.entrypoints.llm",
     "Augmentation": "infercept.entrypoints.llm",
+    "ToolTimeoutError": "infercept.entrypoints.llm",
     "SamplingParams": "vllm",
 }
 
