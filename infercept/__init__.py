@@ -16,8 +16,8 @@ VLLM_VERSION = "0.32.0"
 
 _LAZY = {
     "LLM": "infercept.entrypoints.llm",
-    "Augmentation": "infercept.entrypoints.llm",
-    "ToolTimeoutError": "infercept.entrypoints.llm",
+    "Augmentation": "infercept.entrypoints.tools",
+    "ToolTimeoutError": "infercept.entrypoints.tools",
     "SamplingParams": "vllm",
 }
 

@@ -19,7 +19,7 @@ from test_llm import PARAMS, check_against_stock, markers, random_prompts  # noq
 from test_state_machine import ENGINE
 
 from infercept import Augmentation
-from infercept.entrypoints.llm import ToolTimeoutError
+from infercept.entrypoints.tools import ToolTimeoutError
 from infercept.policy import Location
 
 BLOCK_TOKENS = 32

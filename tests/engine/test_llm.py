@@ -29,7 +29,7 @@ from vllm.sampling_params import StructuredOutputsParams
 
 from infercept import LLM, Augmentation
 from infercept.adapter.scheduler import InterceptSchedulerMixin
-from infercept.entrypoints.llm import _ToolRunner, find_call
+from infercept.entrypoints.tools import _ToolRunner, find_call
 
 MAX_TOKENS = 40
 PARAMS = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
