@@ -14,26 +14,31 @@ swapper keeps, per layer, a block-major host buffer `[num_cpu_blocks,
 so every device<->host transfer is between two contiguous buffers (on CUDA a
 plain asynchronous memcpy from/to pinned memory), whatever the device layout.
 
-On CUDA all copies run on the swapper's own side stream, which first waits for
-the caller's current (compute) stream, and each layer records an event when its
-copies are queued. `wait_layer(i)` makes the current stream wait on layer i's
-event only, so layer i's attention can run while later layers still copy; no
-call blocks the host except `synchronize()`. On CPU every copy is synchronous.
+When a queued copy runs is `infercept.swap.ordering`'s business: on CUDA saves and
+loads run on two side streams that first wait for the caller's (compute) stream, and
+each layer's loads record an event; `wait_layer(i)` makes the current stream wait on
+layer i's event only, so layer i's attention can run while later layers still copy,
+and a save tagged at `swap_out` is reported by `finished_saves()` once done. No call
+blocks the host except `synchronize()`. On CPU every copy is synchronous, unless the
+emulation of the GPU's worst case is on (`emulate_lag`), where each runs as late as
+CUDA would allow.
 
-Callers own the block ids: a device block that was swapped out must not be
-overwritten, nor a CPU block reused, before the copy is done (`wait_all()` for
-the device side, `synchronize()` or `query()` for the host side).
+Callers own the block ids: a device block that is being saved must not be handed to
+another request, nor a CPU block reused, before the save is reported done
+(`finished_saves()`), and a loaded block must not be read before `wait_layer` (or
+`wait_loads()`) of its layer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from infercept.swap.ordering import LOAD, SAVE, CudaOrdering, DeferredOrdering, ImmediateOrdering
 
 # Copies go through same-width integer views, so they are bit-exact and work
 # for every dtype of that width (fp8 included).
@@ -92,7 +97,9 @@ class LayerwiseSwapper:
     may differ) and `block_dims[i]` (or one int for all) the index of its block
     dimension. The host side holds `num_cpu_blocks` blocks per layer, addressed by
     the same CPU block id in every layer (ids from `CpuBlockAllocator`).
-    `pin_memory` defaults to True when the layers live on CUDA.
+    `pin_memory` defaults to True when the layers live on CUDA. `emulate_lag` > 0
+    (CPU only) runs every copy as late as CUDA would allow (`DeferredOrdering`), tagged
+    saves completing `emulate_lag` polls of `finished_saves` after they were queued.
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class LayerwiseSwapper:
         block_dims: int | Sequence[int],
         num_cpu_blocks: int,
         pin_memory: bool | None = None,
+        emulate_lag: int = 0,
     ) -> None:
         if not layers or not all(isinstance(t, torch.Tensor) for t in layers):
             raise ValueError("layers must be a non-empty list of tensors")
@@ -117,6 +125,9 @@ class LayerwiseSwapper:
             pin_memory = self.device.type == "cuda"
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pinned host memory needs CUDA")
+        self._is_cuda = self.device.type == "cuda"
+        if emulate_lag and self._is_cuda:
+            raise ValueError("the asynchronous-copy emulation is for CPU tensors")
         self.pin_memory = pin_memory
         self.num_cpu_blocks = num_cpu_blocks
         self._layers = tuple(layers)
@@ -127,10 +138,13 @@ class LayerwiseSwapper:
         self.bytes_per_block = sum(self.layer_bytes_per_block)
         self.bytes_swapped_out = 0
         self.bytes_swapped_in = 0
-        self._is_cuda = self.device.type == "cuda"
+        self.num_poisoned_blocks = 0
         if self._is_cuda:
-            self._stream = torch.cuda.Stream(device=self.device)
-            self._layer_events = [torch.cuda.Event() for _ in layers]
+            self._ordering = CudaOrdering(self.device, len(layers))
+        elif emulate_lag:
+            self._ordering = DeferredOrdering(emulate_lag)
+        else:
+            self._ordering = ImmediateOrdering()
         self._last_plans: dict[str, tuple[tuple, _CopyPlan]] = {}
 
     @staticmethod
@@ -157,19 +171,19 @@ class LayerwiseSwapper:
 
     # ---- queueing copies -------------------------------------------------
 
-    def swap_out(self, device_block_ids: Sequence[int], cpu_block_ids: Sequence[int]) -> None:
-        """Queues device -> host copies of the paired blocks for every layer, in layer order."""
-        with self._side_stream():
-            plan = self._plan("out", device_block_ids, cpu_block_ids, min(self.num_device_blocks))
-            for layer_idx in range(self.num_layers):
-                self._queue_out(layer_idx, plan)
+    def swap_out(self, device_block_ids: Sequence[int], cpu_block_ids: Sequence[int],
+                 tag: object = None) -> None:
+        """Queues device -> host copies of the paired blocks for every layer, in layer order.
+
+        A `tag` is reported by `finished_saves()` once every layer's copy is done.
+        """
+        self._submit(SAVE, range(self.num_layers), device_block_ids, cpu_block_ids,
+                     min(self.num_device_blocks), tag)
 
     def swap_in(self, cpu_block_ids: Sequence[int], device_block_ids: Sequence[int]) -> None:
         """Queues host -> device copies of the paired blocks for every layer, in layer order."""
-        with self._side_stream():
-            plan = self._plan("in", device_block_ids, cpu_block_ids, min(self.num_device_blocks))
-            for layer_idx in range(self.num_layers):
-                self._queue_in(layer_idx, plan)
+        self._submit(LOAD, range(self.num_layers), device_block_ids, cpu_block_ids,
+                     min(self.num_device_blocks))
 
     def swap_out_layer(
         self, layer_idx: int, device_block_ids: Sequence[int], cpu_block_ids: Sequence[int]
@@ -180,18 +194,28 @@ class LayerwiseSwapper:
         stream, e.g. this layer's attention writing the blocks.
         """
         layer_idx = self._checked_layer(layer_idx)
-        with self._side_stream():
-            plan = self._plan("out", device_block_ids, cpu_block_ids, self.num_device_blocks[layer_idx])
-            self._queue_out(layer_idx, plan)
+        self._submit(SAVE, [layer_idx], device_block_ids, cpu_block_ids,
+                     self.num_device_blocks[layer_idx])
 
     def swap_in_layer(
         self, layer_idx: int, cpu_block_ids: Sequence[int], device_block_ids: Sequence[int]
     ) -> None:
         """Queues one layer's host -> device copies; pair with `wait_layer(layer_idx)`."""
         layer_idx = self._checked_layer(layer_idx)
-        with self._side_stream():
-            plan = self._plan("in", device_block_ids, cpu_block_ids, self.num_device_blocks[layer_idx])
-            self._queue_in(layer_idx, plan)
+        self._submit(LOAD, [layer_idx], device_block_ids, cpu_block_ids,
+                     self.num_device_blocks[layer_idx])
+
+    def _submit(self, queue: str, layers: Sequence[int], device_ids: Sequence[int],
+                cpu_ids: Sequence[int], num_device_blocks: int, tag: object = None) -> None:
+        device_ids, cpu_ids = tuple(device_ids), tuple(cpu_ids)
+        # Validate now, in the caller's frame, even when the copy runs later.
+        self._check_ids(queue, device_ids, cpu_ids, num_device_blocks)
+        queue_layer = self._queue_out if queue == SAVE else self._queue_in
+
+        def copy_layer(layer_idx: int) -> None:
+            queue_layer(layer_idx, self._plan(queue, device_ids, cpu_ids, num_device_blocks))
+
+        self._ordering.submit(queue, device_ids, cpu_ids, layers, copy_layer, tag)
 
     def _queue_out(self, layer_idx: int, plan: _CopyPlan) -> None:
         if plan.num_blocks:
@@ -203,7 +227,6 @@ class LayerwiseSwapper:
                     staging[pos : pos + length], non_blocking=self._is_cuda
                 )
         self.bytes_swapped_out += plan.num_blocks * self.layer_bytes_per_block[layer_idx]
-        self._record(layer_idx)
 
     def _queue_in(self, layer_idx: int, plan: _CopyPlan) -> None:
         if plan.num_blocks:
@@ -216,77 +239,87 @@ class LayerwiseSwapper:
                 )
             layer.index_copy_(dim, plan.device_index, staging.movedim(0, dim))
         self.bytes_swapped_in += plan.num_blocks * self.layer_bytes_per_block[layer_idx]
-        self._record(layer_idx)
 
-    # ---- waiting ---------------------------------------------------------
+    # ---- completion and waiting ------------------------------------------
+
+    def finished_saves(self) -> list:
+        """Tags of saves done since the last call, in the order they were queued; never blocks."""
+        return self._ordering.finished_saves()
+
+    def poison_reused(self, device_block_ids: Sequence[int]) -> int:
+        """Emulation check: `device_block_ids` are being handed to new owners now.
+
+        Any of them that a queued save has yet to read is overwritten with garbage, so
+        a save that was let go too early produces wrong tokens instead of passing by
+        luck. Returns the number of (layer, block) pairs poisoned (0 off the emulation).
+        """
+        reads = self._ordering.pending_save_reads(device_block_ids)
+        for layer_idx, block_id in reads:
+            view = self._layers[layer_idx].select(self._block_dims[layer_idx], block_id)
+            view.fill_(_POISON if view.is_floating_point() else -1)
+        self.num_poisoned_blocks += len(reads)
+        return len(reads)
 
     def wait_layer(self, layer_idx: int) -> None:
-        """Makes the current stream wait for every copy queued so far for this layer.
+        """Makes the current stream wait for every load queued so far for this layer.
 
         On CUDA this queues a wait on the layer's event (the host does not block);
-        on CPU copies are already done.
+        on CPU copies are already done, or (emulation) run now.
         """
-        layer_idx = self._checked_layer(layer_idx)
-        if self._is_cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._layer_events[layer_idx])
+        self._ordering.wait_layer(self._checked_layer(layer_idx))
+
+    def wait_loads(self) -> None:
+        """Makes the current stream wait for every load queued so far (no host block)."""
+        self._ordering.wait_loads()
 
     def wait_all(self) -> None:
         """Makes the current stream wait for every copy queued so far (no host block)."""
-        if self._is_cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        self._ordering.wait_all()
 
     def synchronize(self) -> None:
         """Blocks the host until every queued copy is done (host buffers readable)."""
-        if self._is_cuda:
-            self._stream.synchronize()
+        self._ordering.synchronize()
 
     def query(self) -> bool:
         """True when every queued copy is done; never blocks."""
-        return self._stream.query() if self._is_cuda else True
+        return self._ordering.query()
 
     # ---- helpers ---------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _side_stream(self) -> Iterator[None]:
-        if not self._is_cuda:
-            yield
-            return
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            yield
-
-    def _record(self, layer_idx: int) -> None:
-        if self._is_cuda:
-            self._layer_events[layer_idx].record(self._stream)
 
     def _checked_layer(self, layer_idx: int) -> int:
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer index {layer_idx} outside [0, {self.num_layers})")
         return layer_idx
 
-    def _plan(
-        self, direction: str, device_ids: Sequence[int], cpu_ids: Sequence[int], num_device_blocks: int
-    ) -> _CopyPlan:
-        """Validates a swap's ids and builds its plan; repeated per-layer calls reuse it.
-
-        Must run on the side stream: the index tensor is uploaded there.
-        """
-        device_ids, cpu_ids = tuple(device_ids), tuple(cpu_ids)
-        key = (device_ids, cpu_ids, num_device_blocks)
-        cached = self._last_plans.get(direction)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    def _check_ids(self, queue: str, device_ids: tuple, cpu_ids: tuple, num_device_blocks: int) -> None:
         if len(device_ids) != len(cpu_ids):
             raise ValueError(f"{len(device_ids)} device block ids vs {len(cpu_ids)} CPU block ids")
-        swapping_in = direction == "in"
-        device_ids = _checked_ids("device_block_ids", device_ids, num_device_blocks, unique=swapping_in)
-        cpu_ids = _checked_ids("cpu_block_ids", cpu_ids, self.num_cpu_blocks, unique=not swapping_in)
-        index = torch.tensor(device_ids, dtype=torch.int64)
+        swapping_in = queue == LOAD
+        _checked_ids("device_block_ids", device_ids, num_device_blocks, unique=swapping_in)
+        _checked_ids("cpu_block_ids", cpu_ids, self.num_cpu_blocks, unique=not swapping_in)
+
+    def _plan(
+        self, queue: str, device_ids: tuple, cpu_ids: tuple, num_device_blocks: int
+    ) -> _CopyPlan:
+        """A checked swap's plan; repeated per-layer calls reuse it.
+
+        Runs on the queue's stream (on CUDA the index tensor is uploaded there).
+        """
+        key = (device_ids, cpu_ids, num_device_blocks)
+        cached = self._last_plans.get(queue)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        index = torch.tensor([operator.index(i) for i in device_ids], dtype=torch.int64)
         if self._is_cuda and device_ids:
             index = index.pin_memory().to(self.device, non_blocking=True)
-        plan = _CopyPlan(len(device_ids), index, _cpu_runs(cpu_ids))
-        self._last_plans[direction] = (key, plan)
+        plan = _CopyPlan(len(device_ids), index, _cpu_runs([operator.index(i) for i in cpu_ids]))
+        self._last_plans[queue] = (key, plan)
         return plan
+
+
+# What a block handed to a new owner holds, under the emulation, while a save has yet
+# to read it: finite (attention over garbage must stay finite), far from any real KV.
+_POISON = 1.0e4
 
 
 def bytes_per_block(layers: Sequence[torch.Tensor], block_dims: int | Sequence[int]) -> int:

@@ -371,7 +371,7 @@ def test_cuda_side_stream_waits_for_compute_and_layers_wait_for_copies():
 
     for layer in layers:
         layer.zero_()
-    with torch.cuda.stream(swapper._stream):
+    with torch.cuda.stream(swapper._ordering._streams["load"]):
         torch.cuda._sleep(100_000_000)  # delays the copies behind it
     swapper.swap_in([0, 1, 2], [5, 6, 7])
     seen = []
@@ -380,3 +380,67 @@ def test_cuda_side_stream_waits_for_compute_and_layers_wait_for_copies():
         seen.append(layer[5 + i].clone())  # on the current stream, after the wait only
     torch.cuda.synchronize()
     assert [t.unique().tolist() for t in seen] == [[1.0], [2.0], [3.0]]
+
+
+# ---- the CPU emulation of CUDA's worst-case ordering ---------------------
+
+
+def test_emulation_runs_a_save_only_when_it_is_reported():
+    """A save reads the device block as late as CUDA allows: when it is reported done."""
+    bases, views, dims = _make_layers([_cpu_layout])
+    swapper = LayerwiseSwapper(views, dims, NUM_CPU_BLOCKS, emulate_lag=2)
+    swapper.swap_out([3], [0], tag="req")
+    views[0].select(dims[0], 3).fill_(7.0)  # the forward pass writes the block meanwhile
+    assert swapper.finished_saves() == []  # one poll: not yet
+    assert not swapper.query()
+    assert swapper.finished_saves() == ["req"]
+    assert swapper.host_layer(0)[0].unique().tolist() == [7.0]  # read at the last moment
+    assert swapper.query()
+
+
+def test_emulation_runs_a_load_at_its_layers_wait():
+    bases, views, dims = _make_layers([_cpu_layout, _cpu_layout])
+    swapper = LayerwiseSwapper(views, dims, NUM_CPU_BLOCKS, emulate_lag=1)
+    for i in range(2):
+        swapper.host_layer(i)[4].fill_(float(i + 1))
+    swapper.swap_in([4], [2])
+    assert views[0].select(dims[0], 2).ne(1.0).any()  # queued, not done
+    swapper.wait_layer(0)
+    assert views[0].select(dims[0], 2).unique().tolist() == [1.0]
+    assert views[1].select(dims[1], 2).ne(2.0).any()  # layer 1 still waits
+    swapper.wait_loads()
+    assert views[1].select(dims[1], 2).unique().tolist() == [2.0]
+
+
+def test_emulation_keeps_the_orderings_dependencies():
+    """A load from a CPU block an earlier save writes runs that save first (and the
+    device block it overwrites is read by that save first), as the CUDA ordering's
+    cross-stream wait makes it."""
+    bases, views, dims = _make_layers([_flash_layout, _cpu_layout])
+    originals = [v.clone() for v in views]
+    swapper = LayerwiseSwapper(views, dims, NUM_CPU_BLOCKS, emulate_lag=5)
+    swapper.swap_out([2, 5], [0, 1])
+    swapper.swap_out([2, 9], [6, 3])
+    swapper.swap_in([6, 0, 3], [7, 8, 2])
+    swapper.wait_loads()  # the saves it depends on run first
+    for view, original, dim in zip(views, originals, dims):
+        assert _bits_equal(view.select(dim, 7), original.select(dim, 2))
+        assert _bits_equal(view.select(dim, 8), original.select(dim, 2))
+        assert _bits_equal(view.select(dim, 2), original.select(dim, 9))
+
+
+def test_emulation_poisons_a_block_handed_on_before_its_save_ran():
+    bases, views, dims = _make_layers([_cpu_layout, _flash_layout])
+    swapper = LayerwiseSwapper(views, dims, NUM_CPU_BLOCKS, emulate_lag=1)
+    originals = [v.clone() for v in views]
+    swapper.swap_out([1, 6], [0, 1], tag="paused")
+    assert swapper.poison_reused([6, 8]) == 2  # block 6, in both layers
+    assert swapper.num_poisoned_blocks == 2
+    assert swapper.finished_saves() == ["paused"]
+    for i in range(2):
+        assert _bits_equal(swapper.host_layer(i)[0], originals[i].select(dims[i], 1))
+        assert not torch.equal(swapper.host_layer(i)[1], originals[i].select(dims[i], 6))
+    assert swapper.poison_reused([6]) == 0  # nothing left to read it
+    plain = LayerwiseSwapper(views, dims, NUM_CPU_BLOCKS)
+    plain.swap_out([1], [0], tag="t")
+    assert plain.poison_reused([1]) == 0 and plain.finished_saves() == ["t"]
