@@ -26,7 +26,7 @@ import gc
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.workload import Request
+from infercept.bench.workload import Request
 
 
 @dataclass(frozen=True)

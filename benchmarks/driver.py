@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from benchmarks.http_replay import HttpReplay, kv_capacity_from_metrics, metric_sum
-from benchmarks.metrics import EngineCounters, RequestRecord
-from benchmarks.workload import Request, Trace
+from infercept.bench.metrics import EngineCounters, RequestRecord
+from infercept.bench.workload import Request, Trace
 
 
 # Events this close to now count as due: a sleep until a due time may wake a hair short of it.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.workload import Request
+from infercept.bench.workload import Request
 
 RESUME_PATH = "/v1/intercepts/{intercept_id}/resume"
 METRICS_POLL_S = 0.1

@@ -35,8 +35,8 @@ def overhead_trace(preset: Preset, vocab_size: int, excluded_token_ids):
 def measure_overhead(preset: Preset, out_dir: Path, repeats: int | None = None) -> dict:
     from benchmarks.backends import InterceptBackend, StockBackend
     from benchmarks.driver import replay
-    from benchmarks.metrics import compute_run_metrics
     from benchmarks.random_model import build_random_model, special_token_ids
+    from infercept.bench.metrics import compute_run_metrics
     from infercept.config import InterceptConfig
 
     model_path = str(build_random_model(Path(out_dir) / "model", preset.model))

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from benchmarks.random_model import ModelShape
-from benchmarks.workload import MIX, Request, Trace, generate_trace
+from infercept.bench.workload import MIX, Request, Trace, generate_trace
 
 POLICIES = ("vllm", "discard", "preserve", "swap", "ttl", "min-waste", "unbounded")
 

@@ -11,7 +11,7 @@ server's would. A policy's sweep stops at its first rate that misses the SLO (ev
 completed, p90 normalized latency under the preset's bound): higher rates cannot count
 toward its sustainable rate.
 
-Writes into --out: summary.json and summary.md (benchmarks.metrics), headline.json (the
+Writes into --out: summary.json and summary.md (infercept.bench.metrics), headline.json (the
 ratios of min-waste to the others), runs/<policy>-<rate>.json (each run's metrics, counters,
 engine diagnostics and records), runs/<policy>-engine.json (an InferCept engine's cost model
 and its source), traces/ (the replayed traces), setup.json, and the plots
@@ -28,11 +28,11 @@ import sys
 from pathlib import Path
 
 from benchmarks.driver import RunResult, replay, replay_http
-from benchmarks.metrics import (RunMetrics, compute_run_metrics, meets_slo, summarize,
-                                write_summary)
 from benchmarks.presets import POLICIES, PRESETS, Preset, live_context_tokens
 from benchmarks.random_model import build_random_model, special_token_ids
-from benchmarks.workload import Trace
+from infercept.bench.metrics import (RunMetrics, compute_run_metrics, meets_slo, summarize,
+                                     write_summary)
+from infercept.bench.workload import Trace
 
 FIXED_POLICIES = ("discard", "preserve", "swap")
 
@@ -245,7 +245,7 @@ class Sweep:
     # ---- outputs -------------------------------------------------------------
 
     def write_outputs(self) -> dict:
-        from benchmarks.plots import plot_latency_vs_rate, plot_recompute_and_waste
+        from infercept.bench.plots import plot_latency_vs_rate, plot_recompute_and_waste
 
         slo = self.preset.slo_p90_s_per_token
         write_summary(self.results, slo, self.out_dir)
@@ -317,7 +317,7 @@ def headline(summary: dict) -> dict:
            "min_waste_vs": {"vllm": compare("vllm"),
                             "best_fixed": compare(tied[0] if tied else None),
                             "ttl": compare("ttl"), "unbounded": compare("unbounded")}}
-    from benchmarks.plots import common_rate
+    from infercept.bench.plots import common_rate
 
     at = common_rate(summary)
     out["at_rate"] = at

@@ -2,29 +2,13 @@
 scale: iteration-level vLLM V1 scheduling with chunked prefill, paged KV memory with
 prefix caching, the policy driver, hardware profiles, replicas behind a router.
 
-Pure Python: no vLLM, no torch. It reads traces and writes metrics with the benchmark's own
-``benchmarks.workload`` and ``benchmarks.metrics``; those live beside the package in the
-repository, so when they are not importable (an editable install maps only ``infercept``)
-the repository root is put on ``sys.path``.
+Pure Python: no vLLM, no torch. It reads traces and writes metrics with the real
+benchmark's own ``infercept.bench.workload`` and ``infercept.bench.metrics``.
 """
 
 from __future__ import annotations
 
-import sys
 from importlib import import_module
-from pathlib import Path
-
-
-def _ensure_benchmarks_importable() -> None:
-    try:
-        import_module("benchmarks.metrics")
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if (root / "benchmarks" / "metrics.py").is_file():
-            sys.path.insert(0, str(root))
-
-
-_ensure_benchmarks_importable()
 
 _LAZY = {
     "Engine": "infercept.sim.engine",

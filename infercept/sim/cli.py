@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="mix",
                         help="mix, or one augmentation: arithmetic, qa, virtual_env, chatbot, "
                              "image, tts")
-    parser.add_argument("--trace", type=Path, help="replay this trace (benchmarks.workload "
+    parser.add_argument("--trace", type=Path, help="replay this trace (infercept.bench.workload "
                         "Trace JSON), its arrivals rescaled to each rate")
     parser.add_argument("--rates", default="1,2,3,4,5,6",
                         help="request rates (req/s, whole cluster), comma-separated")
@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.metrics import write_summary
-    from benchmarks.workload import Trace
+    from infercept.bench.metrics import write_summary
+    from infercept.bench.workload import Trace
     from infercept.sim.profiles import load_profile
     from infercept.sim.runner import (POLICIES, SimConfig, find_sustainable_rate,
                                       rescaled_trace_maker, run_metrics, run_sweep,
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(summary_path: Path, out: Path, title: str) -> None:
-    from benchmarks.plots import plot_latency_vs_rate, plot_recompute_and_waste
+    from infercept.bench.plots import plot_latency_vs_rate, plot_recompute_and_waste
 
     summary = json.loads(summary_path.read_text())
     plot_latency_vs_rate(summary, out / "latency_vs_rate.png", title=title)

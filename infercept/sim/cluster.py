@@ -12,7 +12,7 @@ import heapq
 import math
 from typing import Sequence
 
-from benchmarks.workload import Trace
+from infercept.bench.workload import Trace
 from infercept.sim.engine import PAUSE, Engine
 from infercept.sim.router import Router
 from infercept.sim.state import Session

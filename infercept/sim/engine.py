@@ -29,7 +29,7 @@ import dataclasses
 import heapq
 from bisect import bisect_right
 
-from benchmarks.metrics import EngineCounters
+from infercept.bench.metrics import EngineCounters
 from infercept.policy import BatchState, Location
 from infercept.sim.blocks import CpuPool, DevicePool
 from infercept.sim.driver import PolicyDriver

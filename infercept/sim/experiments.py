@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from benchmarks.workload import AUGMENTATIONS, MIX
+from infercept.bench.workload import AUGMENTATIONS, MIX
 from infercept.sim.profiles import PROFILES, load_profile
 from infercept.sim.runner import (SimConfig, find_sustainable_rate, passes, simulate,
                                   trace_maker)

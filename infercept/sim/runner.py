@@ -1,8 +1,8 @@
 """Simulate a trace under a policy, sweep request rates, and search the sustainable rate.
 
 Results use the real benchmark's types (``RequestRecord``, ``EngineCounters``,
-``RunMetrics``), so ``benchmarks.metrics.write_summary`` and ``benchmarks.plots`` take
-them as they are.
+``RunMetrics``), so ``infercept.bench.metrics.write_summary`` and ``infercept.bench.plots``
+take them as they are.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from benchmarks.metrics import (EngineCounters, RequestRecord, RunMetrics, compute_run_metrics,
-                                meets_slo)
-from benchmarks.workload import Trace, generate_trace
+from infercept.bench.metrics import (EngineCounters, RequestRecord, RunMetrics,
+                                     compute_run_metrics, meets_slo)
+from infercept.bench.workload import Trace, generate_trace
 from infercept.sim.cluster import Cluster
 from infercept.sim.engine import ENGINE_POLICIES, UNBOUNDED, Engine
 from infercept.sim.profiles import HardwareProfile

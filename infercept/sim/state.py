@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from benchmarks.workload import Request
+from infercept.bench.workload import Request
 from infercept.policy import Location
 
 

@@ -17,8 +17,8 @@ import pytest
 from benchmarks.backends import InterceptBackend, StockBackend
 from benchmarks.driver import counter_change, replay, replay_http
 from benchmarks.http_replay import kv_capacity_from_metrics, metric_sum, parse_prometheus
-from benchmarks.metrics import compute_run_metrics, sustainable_rate
-from benchmarks.workload import Request, Segment, Trace
+from infercept.bench.metrics import compute_run_metrics, sustainable_rate
+from infercept.bench.workload import Request, Segment, Trace
 
 INTERCEPT_POLICIES = ["discard", "preserve", "swap", "min-waste", "ttl", "unbounded"]
 NUM_SPECIAL_TOKENS = 5  # tests/tiny_model.py's special tokens take ids 0-4
@@ -343,15 +343,15 @@ def test_engine_kwargs_as_server_flags():
 
 
 def _metrics(p90_s: float | None, completed: int = 10):
-    from benchmarks.metrics import RunMetrics
+    from infercept.bench.metrics import RunMetrics
 
     return RunMetrics(10, completed, 10.0, p90_s, p90_s, p90_s, p90_s, 1.0, 1.0, 0.1, 0.2, 1.0,
                       0.01, 0)
 
 
 def test_headline_ratios_and_bounds():
-    from benchmarks.metrics import summarize
     from benchmarks.run import headline, headline_markdown
+    from infercept.bench.metrics import summarize
 
     ok, slow = 0.05, 0.5
     results = {

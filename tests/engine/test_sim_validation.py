@@ -33,10 +33,10 @@ from kv_accounting import scheduler_of
 
 from benchmarks.backends import InterceptBackend
 from benchmarks.driver import replay
-from benchmarks.metrics import compute_run_metrics, write_summary
-from benchmarks.workload import AUGMENTATIONS, generate_trace
 from infercept.adapter import policy_driver as adapter_policy_driver
 from infercept.adapter import scheduler as adapter_scheduler
+from infercept.bench.metrics import compute_run_metrics, write_summary
+from infercept.bench.workload import AUGMENTATIONS, generate_trace
 from infercept.sim.profiles import profile_from_dict
 from infercept.sim.runner import SimConfig, simulate
 from infercept.sim.validate import validate

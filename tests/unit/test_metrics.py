@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.metrics import (
+from infercept.bench.metrics import (
     EngineCounters, RequestRecord, RunMetrics, compute_run_metrics, metric_by_rate,
     normalized_latencies_s_per_token, percentile, step_integral, sustainable_rate, write_summary)
 

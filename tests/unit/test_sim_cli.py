@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.workload import generate_trace
+from infercept.bench.workload import generate_trace
 from test_sim_properties import SMALL
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,8 +23,8 @@ import dataclasses
 
 import pytest
 
-from benchmarks.metrics import compute_run_metrics
-from benchmarks.workload import Request, Segment, Trace
+from infercept.bench.metrics import compute_run_metrics
+from infercept.bench.workload import Request, Segment, Trace
 from infercept.policy import CostModel
 from infercept.sim.engine import Engine
 from infercept.sim.profiles import HardwareProfile

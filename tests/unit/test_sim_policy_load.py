@@ -16,8 +16,8 @@ change in infercept/policy/planner.py), sustains 4.5.
 
 import dataclasses
 
-from benchmarks.metrics import sustainable_rate
-from benchmarks.workload import generate_trace
+from infercept.bench.metrics import sustainable_rate
+from infercept.bench.workload import generate_trace
 from infercept.sim.profiles import PROFILES
 from infercept.sim.runner import SimConfig, simulate
 

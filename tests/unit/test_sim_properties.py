@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks.workload import generate_trace
+from infercept.bench.workload import generate_trace
 from infercept.policy import CostModel
 from infercept.sim.profiles import HardwareProfile
 from infercept.sim.runner import POLICIES, SimConfig, simulate

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks.workload import generate_trace
+from infercept.bench.workload import generate_trace
 from infercept.sim.router import make_router
 from infercept.sim.runner import SimConfig, simulate
 from test_sim_properties import SMALL

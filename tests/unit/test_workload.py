@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from benchmarks.workload import (
+from infercept.bench.workload import (
     AUGMENTATIONS, FLOOR_FRACTION_OF_MEAN, GENERATE_FRACTION, PROMPT_FRACTION, TABLE_1,
     ClippedNormal, Trace, generate_trace, poisson_arrivals_s, split_context)
 

@@ -1,4 +1,4 @@
-"""Plots of a benchmark summary (summary.json as ``benchmarks.metrics.write_summary``
+"""Plots of a benchmark summary (summary.json as ``infercept.bench.metrics.write_summary``
 writes it), shared by the real benchmark and the simulator.
 
 - ``plot_latency_vs_rate``: normalized latency against request rate, a line per policy,
