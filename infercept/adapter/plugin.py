@@ -6,16 +6,25 @@ this is the only place where InferCept registers itself with vLLM.
 
 import logging
 
+from infercept.adapter.version import check_vllm_version
+
 logger = logging.getLogger(__name__)
 
 _registered = False
 
 
 def register() -> None:
-    """Prepare this vLLM process for InferCept. Safe to call many times."""
+    """Prepare this vLLM process for InferCept. Safe to call many times.
+
+    Checks the vLLM version before anything else: the patches and the
+    scheduler reach into vLLM 0.32.0's internals, so on any other version this
+    raises `UnsupportedVllmVersion` (vLLM does not catch a general plugin's
+    errors: the process stops with that message) and patches nothing.
+    """
     global _registered
     if _registered:
         return
+    check_vllm_version()
     _registered = True
     _init_cpu_amx()
     from infercept.patches import apply_all
