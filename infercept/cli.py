@@ -44,7 +44,7 @@ def apply_serve_defaults(args: argparse.Namespace, argv: list[str]) -> None:
     cache gets an explicit size (vLLM would ask for 92% of RAM), the block size
     a multiple of 32 and the dtype float32; a user's own value always wins.
     """
-    from infercept.adapter.scheduler import SCHEDULER_CLS
+    from infercept.config import SCHEDULER_CLS
     from infercept.config import InterceptConfig
 
     if args.model_tag is None and not _given(argv, "--model"):

@@ -18,6 +18,9 @@ DEFAULT_POLICY = "min-waste"
 ADDITIONAL_CONFIG_KEY = "infercept"
 CONNECTOR_NAME = "InterceptConnector"
 CONNECTOR_MODULE = "infercept.adapter.connector"
+# Class paths vLLM imports by name (strings, so this module imports no adapter code).
+SCHEDULER_CLS = "infercept.adapter.scheduler.InterceptScheduler"
+WORKER_EXTENSION = "infercept.adapter.profiler.ProfilerWorkerExtension"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class InterceptConfig:
     intercept_timeout_s: float = 600.0
     cost_profile: str | None = None
     profile_at_startup: bool = True
+    # > 0: on CPU, run every KV copy as late as CUDA would allow, a swap-out's save
+    # completing this many steps late (tests: a GPU-only ordering bug fails on CPU).
+    emulate_async_copies: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -37,6 +43,8 @@ class InterceptConfig:
             raise ValueError("swap_space_bytes must be >= 0")
         if self.intercept_timeout_s <= 0:
             raise ValueError("intercept_timeout_s must be > 0")
+        if self.emulate_async_copies < 0:
+            raise ValueError("emulate_async_copies must be >= 0")
 
     @property
     def uses_connector(self) -> bool:
@@ -64,9 +72,6 @@ class InterceptConfig:
         `existing` holds the user's own engine arguments: their
         `additional_config` is kept, and a KV connector of their own conflicts.
         """
-        from infercept.adapter.profiler import WORKER_EXTENSION
-        from infercept.adapter.scheduler import SCHEDULER_CLS
-
         existing = existing or {}
         if existing.get("worker_extension_cls") not in (None, "", WORKER_EXTENSION):
             raise ValueError("InferCept sets vLLM's worker_extension_cls (its profiler); "

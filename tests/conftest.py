@@ -29,6 +29,10 @@ from tiny_model import build_tiny_model  # noqa: E402
 
 BLOCK_SIZE = 32
 MAX_MODEL_LEN = 2048
+# Every InferCept engine of the suite runs the CPU emulation of the GPU's ordering:
+# a swap-out's save completes this many steps after it is queued, reading the
+# device blocks only then, and loads land only at their layer's wait.
+EMULATE_LAG = 2
 
 
 def engine_kwargs(model: Path, kv_cache_bytes: int = 32 << 20, **overrides) -> dict:
@@ -75,8 +79,10 @@ class LiveEngine:
             self.close()
             # Built with a policy that needs the swap connector; any policy,
             # `vllm` and `discard` included, can then be set per test.
+            # Copies run as late as a GPU may run them (tests/conftest.EMULATE_LAG).
             self.llm = LLM(**engine_kwargs(model, kv_cache_bytes, max_model_len=max_model_len),
-                           intercept_policy="swap", swap_space_bytes=swap_space_bytes)
+                           intercept_policy="swap", swap_space_bytes=swap_space_bytes,
+                           emulate_async_copies=EMULATE_LAG)
             self.key = key
         self.scheduler.policy_driver.set_policy(policy)
         return self.llm

@@ -4,7 +4,13 @@ A thin front over vLLM 0.32's `KVConnectorBase_V1`, as vLLM's own
 `OffloadingConnector` is: the scheduler side (`SwapPlanner`, in the engine
 core) decides which device blocks go to which CPU blocks; the worker side
 (`SwapWorker`, in every worker, each moving its own tensor-parallel shard)
-copies them layer by layer with the torch-only `LayerwiseSwapper`.
+copies them with the torch-only `LayerwiseSwapper`.
+
+The protocol, as vLLM's own asynchronous connectors follow it: a swap-out's save
+is queued at the top of a step on its own stream and overlaps that and later
+forward passes; its device blocks go back to vLLM only when every worker has
+reported the save done (`get_finished` -> `finished_sending`). Loads wait per
+layer (`wait_for_layer_load`), so CUDA graphs must stay piecewise.
 
 Named by `kv_connector_module_path` in the engine's `kv_transfer_config`
 (see `infercept.config`); the scheduler mixin talks to the scheduler side.
@@ -12,7 +18,6 @@ Named by `kv_connector_module_path` in the engine's `kv_transfer_config`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -21,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from infercept.adapter.swap_metadata import BlockCopies, SwapMetadata  # noqa: F401  (re-exported)
 from infercept.config import InterceptConfig
 
 if TYPE_CHECKING:
@@ -33,27 +39,6 @@ if TYPE_CHECKING:
 
     from infercept.adapter.swap_planner import SwapPlanner
     from infercept.adapter.swap_worker import SwapWorker
-
-
-@dataclass
-class BlockCopies:
-    """Paired block ids: `src[i]` is copied to `dst[i]`."""
-
-    src: list[int]
-    dst: list[int]
-
-
-@dataclass
-class SwapMetadata(KVConnectorMetadata):
-    """One step's transfers, built in the scheduler and run in every worker.
-
-    Saves (device -> CPU) run before the step's batch update and forward pass,
-    while the freed device blocks are still intact; loads (CPU -> device) run
-    before the layers that read them.
-    """
-
-    saves: list[BlockCopies] = field(default_factory=list)
-    loads: list[BlockCopies] = field(default_factory=list)
 
 
 def num_layers(kv_cache_config: "KVCacheConfig") -> int:
@@ -96,6 +81,7 @@ class InterceptConnector(KVConnectorBase_V1):
                 num_cpu_blocks(vllm_config, kv_cache_config),
                 vllm_config.cache_config.block_size,
                 block_bytes(kv_cache_config),
+                emulating=InterceptConfig.from_vllm_config(vllm_config).emulate_async_copies > 0,
             )
         else:
             from infercept.adapter.swap_worker import SwapWorker
@@ -103,7 +89,26 @@ class InterceptConnector(KVConnectorBase_V1):
             self.worker = SwapWorker(
                 num_cpu_blocks(vllm_config, kv_cache_config),
                 kv_cache_config.num_blocks,
+                InterceptConfig.from_vllm_config(vllm_config).emulate_async_copies,
             )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """Read by vLLM's scheduler at start-up: False, nothing is handed off.
+
+        Swapped KV is InferCept's own copy of a paused request, not a producer's
+        hand-off, so a preemption keeps its in-flight tokens as stock vLLM does.
+        """
+        return False
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Read by vLLM's config: True, CUDA graphs stay piecewise.
+
+        `wait_for_layer_load` runs between graph pieces; a full-graph replay would
+        skip it and read blocks before their load lands.
+        """
+        return True
 
     # ---- worker side: each hook is called by vLLM's model runner ---------
 
@@ -112,24 +117,41 @@ class InterceptConnector(KVConnectorBase_V1):
         self.worker.register(kv_caches)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        """Top of `execute_model`, before the batch update: queue this step's saves."""
+        """Top of `execute_model`, before the batch update and the forward pass.
+
+        Queues this step's saves, which overlap this and later forward passes: their
+        blocks stay allocated until `get_finished` reports them.
+        """
         assert isinstance(kv_connector_metadata, SwapMetadata)
-        self.worker.save(kv_connector_metadata.saves)
+        self.worker.save(kv_connector_metadata.saves, kv_connector_metadata.abandoned,
+                         kv_connector_metadata.allocated)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        """Before the forward pass (synchronous loads): queue this step's loads."""
-        self.worker.load(self._get_connector_metadata().loads)
+        """Queue this step's loads: before the forward pass when it reads them (a
+        resume: vLLM's synchronous load), after it for a prefetch."""
+        metadata = self._get_connector_metadata()
+        self.worker.load(metadata.tail_loads, metadata.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """On entry to each attention layer: wait for that layer's copies only."""
         self.worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        """Saves happen at the pause, not per forward: nothing to do here."""
+        """Nothing: a paused request's KV is complete before the step that saves it,
+        so its whole save is queued at once (`handle_preemptions`) on its own stream."""
 
     def wait_for_save(self) -> None:
-        """End of the step: no copy of this step may outlive it."""
-        self.worker.wait_all()
+        """End of every step: later steps wait for this step's loads (a prefetch is
+        queued after the forward pass); saves go on, reported by `get_finished`."""
+        self.worker.wait_loads()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+        """After every step: the paused requests whose save is done on this worker.
+
+        vLLM's output aggregator reports an id once every worker has, and the
+        scheduler then frees the device blocks the save read.
+        """
+        return self.worker.finished_saves() or None, None
 
     # ---- scheduler side: called by vLLM's scheduler ------------------------
 
@@ -155,9 +177,33 @@ class InterceptConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> SwapMetadata:
         """End of `schedule()`: hand this step's copies to the workers."""
-        return self.planner.take_step()
+        step = self.planner.take_step()
+        if self.planner.emulating:
+            step.allocated = _fresh_block_ids(scheduler_output, self._kv_cache_manager.block_pool)
+        return step
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, None]:
-        """A request finished or was aborted: drop anything it left on the CPU."""
+        """A request finished or was aborted: drop anything it left on the CPU.
+
+        True (vLLM keeps its device blocks until `get_finished` reports it) while a
+        save still reads them.
+        """
+        saving = self.planner.is_saving(request.request_id)
         self.planner.release(request.request_id)
-        return False, None
+        return saving, None
+
+
+def _fresh_block_ids(scheduler_output: "SchedulerOutput", block_pool) -> list[int]:
+    """Device blocks this step hands to a request that is their only holder.
+
+    Blocks shared through the prefix cache (a paused request's system prompt,
+    say) are only read by their new holder, so a save may still read them too.
+    """
+    listed: list[int] = []
+    for new in scheduler_output.scheduled_new_reqs:
+        for group in new.block_ids:
+            listed.extend(group)
+    for groups in scheduler_output.scheduled_cached_reqs.new_block_ids:
+        for group in groups or ():
+            listed.extend(group)
+    return [b for b in listed if block_pool.blocks[b].ref_cnt == 1]

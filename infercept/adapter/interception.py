@@ -124,6 +124,8 @@ class Interception:
     num_kv_tokens: int  # tokens whose KV was computed at the pause
     prompt_tokens: int = 0  # the paused segment's prompt
     location: Location = Location.DEVICE
+    # Swapped out, but the save still reads its device blocks (not yet freed).
+    saving: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
     predicted_duration_s: float | None = None

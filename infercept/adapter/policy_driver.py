@@ -4,11 +4,14 @@ Every iteration: describe each paused request and the running batch to the
 policy (`infercept.policy`, which knows nothing of vLLM), then apply its
 decisions to vLLM's block manager and the swap connector. Also keeps the
 counters that metrics and benchmarks read.
+
+A swap-out is asynchronous: the request counts as swapped at once, but its
+device blocks return to vLLM only when the workers report the save done
+(`saves_finished`); until then it is in transit, and the policy leaves it alone.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -38,6 +41,11 @@ class InterceptStats:
 
 
 class PolicyDriver:
+    # The mutation check of the asynchronous-copy emulation: True frees a swapped
+    # request's device blocks when its save is queued (the ordering that races the
+    # forward pass on a GPU), which the emulation must catch.
+    free_blocks_at_queue = False
+
     def __init__(self, scheduler, config: "InterceptConfig", swap: "SwapPlanner | None"):
         self.scheduler = scheduler
         self.config = config
@@ -68,9 +76,11 @@ class PolicyDriver:
     # ---- every iteration ---------------------------------------------------
 
     def step(self) -> None:
-        now = time.monotonic()
+        now = self.scheduler.clock()
         intercepts = self.scheduler.intercepts
-        views = [self._view(p, now) for p in intercepts.values()]
+        views = [self._view(p, now) for p in intercepts.values() if not p.saving]
+        if not views:
+            return
         plan = self.policy.plan(views, self._batch_state(), self.cost)
         for decision in plan.decisions:
             paused = intercepts[decision.request_id]
@@ -107,12 +117,16 @@ class PolicyDriver:
                 batch_tokens += tokens
                 needed_tokens += tokens
         free_tokens = s.kv_cache_manager.block_pool.get_num_free_blocks() * block_size
+        # Blocks a save still reads are not free, but come free within a step or two:
+        # the demand they will meet is not pressure to evict more.
+        arriving_tokens = sum(-(-p.num_kv_tokens // block_size) * block_size
+                              for p in s.intercepts.values() if p.saving)
         return BatchState(
             running_context_tokens=running_tokens,
             batch_tokens=batch_tokens,
             free_device_tokens=free_tokens,
             free_cpu_tokens=self.swap.num_free_cpu_tokens if self.swap else 0,
-            device_tokens_needed=max(0, needed_tokens - free_tokens),
+            device_tokens_needed=max(0, needed_tokens - free_tokens - arriving_tokens),
         )
 
     def _apply(self, paused: "Interception", action: Action) -> None:
@@ -123,19 +137,43 @@ class PolicyDriver:
             else:
                 ids = blocks.block_ids(s.kv_cache_manager, request.request_id)
                 self.swap.swap_out(request.request_id, ids, paused.num_kv_tokens)
-                s.kv_cache_manager.free(request)
-                request.num_computed_tokens = 0
                 paused.location = Location.CPU
+                paused.saving = True
+                if self.free_blocks_at_queue:
+                    self._free_device(paused)
                 return
         if action is Action.DISCARD:
             if paused.location is Location.DEVICE:
-                s.kv_cache_manager.free(request)
+                self._free_device(paused)
             elif paused.location is Location.CPU:
                 self.swap.release(request.request_id)
             request.num_computed_tokens = 0
             paused.location = Location.NONE
         elif action is Action.SWAP_IN:
             self._prefetch(paused)
+
+    def _free_device(self, paused: "Interception") -> None:
+        # vLLM's own free, which waits for in-flight steps where it must.
+        self.scheduler._free_request_blocks(paused.request)
+        paused.request.num_computed_tokens = 0
+        paused.saving = False
+
+    def saves_finished(self, request_ids) -> set[str]:
+        """Every worker finished these saves: free the device blocks they read.
+
+        Returns the ids that were paused requests' saves; the others (a request
+        aborted mid-save, which vLLM holds until now) are vLLM's to free.
+        """
+        s, handled = self.scheduler, set()
+        for request_id in request_ids:
+            if self.swap is None or not self.swap.save_done(request_id):
+                continue
+            paused = s.intercepts.get(request_id)
+            if paused is not None and paused.saving:
+                self._free_device(paused)
+            if paused is not None or request_id not in s.requests:
+                handled.add(request_id)  # paused, or resumed since (its blocks moved on)
+        return handled
 
     def _prefetch(self, paused: "Interception") -> None:
         """Bring a swapped request's KV back before its tool returns."""
@@ -203,7 +241,7 @@ class PolicyDriver:
         self.cost = cost
 
     def observe_resume(self, paused: "Interception") -> None:
-        duration_s = time.monotonic() - paused.paused_at_s
+        duration_s = self.scheduler.clock() - paused.paused_at_s
         self.estimator.observe(paused.spec.tool, duration_s)
 
     def resumed(self, paused: "Interception", request, reused_tokens: int) -> None:
@@ -213,7 +251,7 @@ class PolicyDriver:
     def idle_device_tokens(self) -> int:
         """KV tokens held on the device by paused requests (memory left idle)."""
         return sum(p.num_kv_tokens for p in self.scheduler.intercepts.values()
-                   if p.location is Location.DEVICE)
+                   if p.location is Location.DEVICE or p.saving)
 
     def has_pending_work(self) -> bool:
-        return self.swap is not None and self.swap.num_pending_free_blocks() > 0
+        return self.swap is not None and self.swap.has_pending_work()

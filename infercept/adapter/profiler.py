@@ -37,7 +37,6 @@ class ProfilerWorkerExtension:
         return measure_on_worker(self, token_counts, repeats, swap_blocks)
 
 
-WORKER_EXTENSION = f"{__name__}.ProfilerWorkerExtension"
 MEASURE_METHOD = "infercept_measure"
 
 

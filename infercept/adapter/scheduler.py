@@ -10,6 +10,10 @@ Lifecycle of an intercepted request (one vLLM `Request` object throughout):
   changing every iteration as the policy decides --resume--> its KV is handed
   to the resuming request, which the worker sees as a new request with a
   prefix already computed.
+
+A swap-out's device blocks stay with the paused request until every worker
+reports its save done (`_update_from_kv_xfer_finished`); a resume before then
+takes the blocks, intact, as from a preserved request.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class InterceptSchedulerMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # What pauses, expiry and the policy's elapsed times are measured with.
+        self.clock = time.monotonic
         self.intercept_config = InterceptConfig.from_vllm_config(self.vllm_config)
         self.intercepts: dict[str, Interception] = {}
         self._pausing: set[str] = set()
@@ -213,7 +219,7 @@ class InterceptSchedulerMixin:
         paused = Interception(
             request=request,
             spec=spec,
-            paused_at_s=time.monotonic(),
+            paused_at_s=self.clock(),
             num_kv_tokens=request.num_computed_tokens,
             prompt_tokens=request.num_prompt_tokens,
         )
@@ -242,6 +248,10 @@ class InterceptSchedulerMixin:
         if self.connector is not None:
             self.connector.on_new_request(request)
         reused = reusable
+        if paused.saving:
+            # Its save is still running: the device blocks are intact, take them.
+            self.policy_driver.swap.release(old.request_id)
+            paused.location, paused.saving = Location.DEVICE, False
         if paused.location is Location.DEVICE:
             if reusable < paused.num_kv_tokens:
                 # Diverged (a chat template re-rendering the tool call): keep
@@ -251,12 +261,14 @@ class InterceptSchedulerMixin:
             blocks.transfer(self.kv_cache_manager, old.request_id, request.request_id)
             request.num_computed_tokens = reused
         elif paused.location is Location.CPU:
+            reused = min(reusable, self.policy_driver.swap.num_swapped_tokens(old.request_id))
             self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
         else:
             reused = 0  # whatever the prefix cache still holds
-        self._recompute_marks[request.request_id] = reusable
+        if reused < reusable:  # KV it had, computed again
+            self._recompute_marks[request.request_id] = reusable
         self._records[request.request_id] = self._records.pop(old.request_id, []) + [
-            paused.record(time.monotonic(), reused)
+            paused.record(self.clock(), reused)
         ]
         self._enqueue_by_arrival(request)
         self.policy_driver.resumed(paused, request, reused)
@@ -280,17 +292,15 @@ class InterceptSchedulerMixin:
         discard, swap back in), then vLLM schedules as usual.
         """
         if self.intercepts:
-            self._expire_paused(time.monotonic())
+            self._expire_paused(self.clock())
         if self.intercepts:
             self.policy_driver.step()
-        cap = self._recompute_chunk_cap()
-        if cap is None:
+        threshold = self._recompute_threshold()
+        if threshold is None:
             return super().schedule(*args, **kwargs)
-        # Recomputation rides along with decoding: while a resumed request
-        # recomputes, prefill chunks fill the step only up to saturation.
         config = self.scheduler_config
         saved = config.long_prefill_token_threshold
-        config.long_prefill_token_threshold = min(saved, cap) if saved else cap
+        config.long_prefill_token_threshold = min(saved, threshold) if saved else threshold
         try:
             return super().schedule(*args, **kwargs)
         finally:
@@ -310,11 +320,47 @@ class InterceptSchedulerMixin:
             self.policy_driver.stats.expired += len(expired)
             self.finish_requests(expired, RequestStatus.FINISHED_ABORTED)
 
-    def _recompute_chunk_cap(self) -> int | None:
-        # A mark lives until its request has recomputed past it.
+    def _recompute_threshold(self) -> int | None:
+        """Chunked recompute (min-waste): the step's prefill threshold, or None.
+
+        Recomputation rides along with decoding: a request that recomputes KV it
+        had before (a discarded resume, a preemption) is fed in chunks that fill
+        the step up to the profiled saturation point with the decodes. vLLM 0.32
+        has one threshold per step, for every prefill; it is raised to the
+        longest prefill that recomputes nothing, so new prompts are never cut.
+        """
         if self.policy_driver.config.policy != "min-waste" or not self._recompute_marks:
             return None
-        return recompute_chunk_tokens(self.policy_driver.cost, len(self.running))
+        marks, recomputing, decodes, others = self._recompute_marks, False, 0, 0
+        for queue, running in ((self.running, True), (self.waiting, False),
+                               (self.kv_holding_waiting, False)):
+            for request in queue:
+                if marks.get(request.request_id, 0) > request.num_computed_tokens:
+                    recomputing = True
+                    continue
+                remaining = (request.num_tokens_with_spec + request.num_output_placeholders
+                             - request.num_computed_tokens)
+                if running and remaining <= 1 + len(request.spec_token_ids):
+                    decodes += 1
+                else:
+                    others = max(others, remaining)
+        if not recomputing:
+            return None
+        return max(recompute_chunk_tokens(self.policy_driver.cost, decodes), others)
+
+    def _update_from_kv_xfer_finished(self, kv_connector_output) -> None:
+        """Override of `Scheduler._update_from_kv_xfer_finished` (after every step).
+
+        Saves of paused requests that every worker finished free the device
+        blocks they read; vLLM handles the other ids (requests it holds for a
+        save that was still running when they were aborted).
+        """
+        finished = kv_connector_output.finished_sending
+        if finished:
+            ours = self.policy_driver.saves_finished(finished)
+            if ours:
+                kv_connector_output.finished_sending = set(finished) - ours
+        super()._update_from_kv_xfer_finished(kv_connector_output)
 
     def _update_after_schedule(self, scheduler_output) -> None:
         """Override of `Scheduler._update_after_schedule` (end of every `schedule()`).
@@ -355,7 +401,7 @@ class InterceptSchedulerMixin:
     # ---- queries from the front-end (EngineCore.infercept utility) ---------
 
     def infercept_states(self, request_ids: list[str] | None = None) -> dict[str, dict]:
-        now = time.monotonic()
+        now = self.clock()
         ids = self.intercepts if request_ids is None else request_ids
         return {
             request_id: self.intercepts[request_id].describe(now)
@@ -374,7 +420,7 @@ class InterceptSchedulerMixin:
     def infercept_state(self, key: str) -> dict | None:
         """A paused request's state by its key (None: not paused)."""
         request_id = self._keys.get(key)
-        return self.intercepts[request_id].describe(time.monotonic()) if request_id else None
+        return self.intercepts[request_id].describe(self.clock()) if request_id else None
 
     def infercept_admission(self, key: str) -> dict:
         """How the request of `key` was admitted, and whether it is paused now.
@@ -386,7 +432,7 @@ class InterceptSchedulerMixin:
         request_id = self._keys.get(key)
         if request_id is not None:
             paused = self.intercepts[request_id]
-            admission = {**admission, **paused.describe(time.monotonic()),
+            admission = {**admission, **paused.describe(self.clock()),
                          "token_ids": list(paused.request.all_token_ids)}
         return admission
 
@@ -471,5 +517,3 @@ class InterceptScheduler(InterceptSchedulerMixin, Scheduler):
 class AsyncInterceptScheduler(InterceptScheduler, AsyncScheduler):
     pass
 
-
-SCHEDULER_CLS = f"{__name__}.InterceptScheduler"

@@ -3,13 +3,18 @@
 Pure Python (no torch): it owns the CPU block allocator and turns the
 scheduler's decisions (swap this paused request out, load that resuming one
 back) into the block copies of one step's `SwapMetadata`.
+
+A save is asynchronous: its device blocks stay with the paused request, and its
+CPU blocks stay allocated, until every worker reports it done (`save_done`). A
+load's CPU blocks are reused only from the step after the one that reads them,
+when every later step is ordered after the load.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infercept.adapter.connector import BlockCopies, SwapMetadata
+from infercept.adapter.swap_metadata import BlockCopies, SwapMetadata
 from infercept.swap.allocator import CpuBlockAllocator
 
 
@@ -24,8 +29,10 @@ def _num_blocks(num_tokens: int, block_size: int) -> int:
 
 
 class SwapPlanner:
-    def __init__(self, num_cpu_blocks: int, block_size: int, block_bytes: int):
+    def __init__(self, num_cpu_blocks: int, block_size: int, block_bytes: int,
+                 emulating: bool = False):
         self.allocator = CpuBlockAllocator(num_cpu_blocks)
+        self.emulating = emulating
         self.block_size = block_size
         self.block_bytes = block_bytes
         self.bytes_swapped_out = 0
@@ -35,6 +42,9 @@ class SwapPlanner:
         self._step = SwapMetadata()
         self._free_after_step: list[int] = []
         self._free_now: list[int] = []
+        # Saves the workers have not reported done: key -> CPU blocks to free then
+        # (empty while the copy is still wanted).
+        self._saving: dict[str, list[int]] = {}
 
     @property
     def num_free_cpu_tokens(self) -> int:
@@ -51,18 +61,33 @@ class SwapPlanner:
         return self.allocator.can_allocate(_num_blocks(num_tokens, self.block_size))
 
     def swap_out(self, key: str, device_block_ids: list[int], num_tokens: int) -> None:
-        """Copy the first `num_tokens` tokens' blocks to CPU in this step.
+        """Copy the first `num_tokens` tokens' blocks to CPU, from this step on.
 
-        The caller frees the device blocks right after; the copy runs in the
-        workers before anything can overwrite them.
+        The caller keeps the device blocks until `save_done(key)`: the copy may
+        run alongside this and later steps' forward passes.
         """
-        if key in self._swapped:
+        if key in self._swapped or key in self._saving:
             raise RuntimeError(f"{key} is already swapped out")
         num_blocks = _num_blocks(num_tokens, self.block_size)
         cpu_block_ids = self.allocator.allocate(num_blocks)
-        self._step.saves.append(BlockCopies(list(device_block_ids[:num_blocks]), cpu_block_ids))
+        self._step.saves.append(
+            BlockCopies(list(device_block_ids[:num_blocks]), cpu_block_ids, tag=key))
         self._swapped[key] = SwappedKV(cpu_block_ids, num_tokens)
+        self._saving[key] = []
         self.bytes_swapped_out += num_blocks * self.block_bytes
+
+    def is_saving(self, key: str) -> bool:
+        """Whether a save of `key`'s blocks is queued and not yet reported done."""
+        return key in self._saving
+
+    def save_done(self, key: str) -> bool:
+        """Every worker finished `key`'s save; False if it was not ours."""
+        abandoned = self._saving.pop(key, None)
+        if abandoned is None:
+            return False
+        if abandoned:
+            self.allocator.free(abandoned)
+        return True
 
     def rekey(self, key: str, new_key: str, num_valid_tokens: int) -> None:
         """A resuming request takes over a paused one's CPU copy.
@@ -85,11 +110,14 @@ class SwapPlanner:
         """Load `num_tokens` tokens after the local hit into the request's blocks."""
         swapped = self._swapped.pop(key)
         start_tokens = self._local_hits.pop(key, 0)
-        first = start_tokens // self.block_size
+        first = start_tokens // self.block_size  # local hits are whole blocks
+        full = (start_tokens + num_tokens) // self.block_size
         last = _num_blocks(start_tokens + num_tokens, self.block_size)
-        self._step.loads.append(
-            BlockCopies(swapped.cpu_block_ids[first:last], list(device_block_ids[first:last]))
-        )
+        cpu, device = swapped.cpu_block_ids, list(device_block_ids)
+        if full > first:
+            self._step.loads.append(BlockCopies(cpu[first:full], device[first:full]))
+        if last > full:  # a partly filled block, which the step also writes
+            self._step.tail_loads.append(BlockCopies(cpu[full:last], device[full:last]))
         self.bytes_swapped_in += (last - first) * self.block_bytes
         self._free_after_step.extend(swapped.cpu_block_ids)
 
@@ -104,9 +132,13 @@ class SwapPlanner:
         """Forget a request's CPU copy (finished, aborted or discarded)."""
         self._local_hits.pop(key, None)
         swapped = self._swapped.pop(key, None)
-        if swapped is not None:
-            # A save of these blocks may be queued in this very step: reuse
-            # them only from the next one.
+        if swapped is None:
+            return
+        if key in self._saving:
+            # A save still writes them: reuse them once it is done.
+            self._saving[key] = swapped.cpu_block_ids
+            self._step.abandoned.append(key)
+        else:
             self._free_after_step.extend(swapped.cpu_block_ids)
 
     def take_step(self) -> SwapMetadata:
@@ -117,5 +149,6 @@ class SwapPlanner:
         step, self._step = self._step, SwapMetadata()
         return step
 
-    def num_pending_free_blocks(self) -> int:
-        return len(self._free_now) + len(self._free_after_step)
+    def has_pending_work(self) -> bool:
+        """Saves to hear back from, or CPU blocks still to free: keep stepping."""
+        return bool(self._saving or self._free_now or self._free_after_step)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from infercept.adapter.connector import BlockCopies
+from infercept.adapter.swap_metadata import BlockCopies
 from infercept.swap.swapper import LayerwiseSwapper
 
 
@@ -28,9 +28,10 @@ def block_dim(tensor: torch.Tensor, num_blocks: int) -> int:
 
 
 class SwapWorker:
-    def __init__(self, num_cpu_blocks: int, num_device_blocks: int):
+    def __init__(self, num_cpu_blocks: int, num_device_blocks: int, emulate_lag: int = 0):
         self.num_cpu_blocks = num_cpu_blocks
         self.num_device_blocks = num_device_blocks
+        self.emulate_lag = emulate_lag
         self.swapper: LayerwiseSwapper | None = None
         self._layer_index: dict[str, int] = {}
 
@@ -49,13 +50,29 @@ class SwapWorker:
                 tensors,
                 [block_dim(t, self.num_device_blocks) for t in tensors],
                 self.num_cpu_blocks,
+                emulate_lag=self.emulate_lag,
             )
 
-    def save(self, saves: list[BlockCopies]) -> None:
+    def save(self, saves: list[BlockCopies], abandoned: list[str] = (),
+             allocated: list[int] = ()) -> None:
+        if self.swapper is None:
+            return
         for copies in saves:
-            self.swapper.swap_out(copies.src, copies.dst)
+            self.swapper.swap_out(copies.src, copies.dst, tag=copies.tag)
+        for tag in abandoned:
+            self.swapper.abandon_save(tag)
+        if allocated:
+            # Emulation only: blocks handed on while a save (this step's too: the
+            # forward pass is not ordered after it) has yet to read them.
+            self.swapper.poison_reused(allocated)
 
-    def load(self, loads: list[BlockCopies]) -> None:
+    def load(self, tail_loads: list[BlockCopies], loads: list[BlockCopies]) -> None:
+        """Partly filled blocks first, waited for before the forward pass (which writes
+        new KV into them before any layer waits); full blocks then land layer by layer."""
+        for copies in tail_loads:
+            self.swapper.swap_in(copies.src, copies.dst)
+        if tail_loads:
+            self.swapper.wait_loads()
         for copies in loads:
             self.swapper.swap_in(copies.src, copies.dst)
 
@@ -63,6 +80,9 @@ class SwapWorker:
         if self.swapper is not None and layer_name in self._layer_index:
             self.swapper.wait_layer(self._layer_index[layer_name])
 
-    def wait_all(self) -> None:
+    def wait_loads(self) -> None:
         if self.swapper is not None:
-            self.swapper.wait_all()
+            self.swapper.wait_loads()
+
+    def finished_saves(self) -> set[str]:
+        return set(self.swapper.finished_saves()) if self.swapper is not None else set()

@@ -418,18 +418,21 @@ class LLM(vllm.LLM):
     the engine releases a paused request that was never resumed. `model` must be a
     local folder (nothing is downloaded); None serves the embedded default
     model. `tool_workers` caps the threads that run plain-function tools.
+    `emulate_async_copies` (tests, CPU only) runs KV copies as late as a GPU may.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, intercept_policy: str = "min-waste",
                  swap_space_bytes: int | None = None, intercept_timeout_s: float | None = None,
                  cost_profile: str | None = None, profile_at_startup: bool = True,
-                 tool_workers: int | None = None, **kwargs: Any) -> None:
+                 tool_workers: int | None = None, emulate_async_copies: int = 0,
+                 **kwargs: Any) -> None:
         model = _local_model(model)
         if kwargs.get("tokenizer") is not None:
             _require_local(kwargs["tokenizer"], "tokenizer")
         _hub_offline()
         settings = {"swap_space_bytes": swap_space_bytes, "intercept_timeout_s": intercept_timeout_s,
-                    "cost_profile": cost_profile, "profile_at_startup": profile_at_startup}
+                    "cost_profile": cost_profile, "profile_at_startup": profile_at_startup,
+                    "emulate_async_copies": emulate_async_copies}
         self.intercept_config = InterceptConfig(
             policy=intercept_policy, **{k: v for k, v in settings.items() if v is not None}
         )

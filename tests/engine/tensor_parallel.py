@@ -26,6 +26,7 @@ def _worker_swap_counters(worker) -> dict:
     return {
         "rank": dist.get_rank() if dist.is_initialized() else 0,
         "bytes_per_block": swapper.bytes_per_block,
+        "poisoned_blocks": swapper.num_poisoned_blocks,
         "bytes_swapped_out": swapper.bytes_swapped_out,
         "bytes_swapped_in": swapper.bytes_swapped_in,
     }

@@ -26,15 +26,12 @@ reported in docs/simulator.md, not asserted.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from kv_accounting import scheduler_of
 
 from benchmarks.backends import InterceptBackend
 from benchmarks.driver import replay
-from infercept.adapter import policy_driver as adapter_policy_driver
-from infercept.adapter import scheduler as adapter_scheduler
 from infercept.bench.metrics import compute_run_metrics, write_summary
 from infercept.bench.workload import AUGMENTATIONS, generate_trace
 from infercept.sim.profiles import profile_from_dict
@@ -62,16 +59,6 @@ class VirtualClock:
         self.now_s += max(0.0, seconds)
 
 
-class _Time:
-    """The ``time`` module, with ``monotonic`` read from a virtual clock."""
-
-    def __init__(self, clock: VirtualClock) -> None:
-        self.monotonic = clock
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-
 @pytest.fixture
 def trace(tiny_model):
     vocab_size = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
@@ -83,9 +70,8 @@ def trace(tiny_model):
 def replay_on_virtual_clock(llm, policy, trace, cost, monkeypatch):
     """Replay ``trace``; every step lasts ``cost.forward_s`` of the tokens it scheduled."""
     clock = VirtualClock()
-    monkeypatch.setattr(adapter_policy_driver, "time", _Time(clock))
-    monkeypatch.setattr(adapter_scheduler, "time", _Time(clock))
     scheduler = scheduler_of(llm)
+    monkeypatch.setattr(scheduler, "clock", clock)
     update_from_output = scheduler.update_from_output
 
     def timed_update(scheduler_output, *args, **kwargs):

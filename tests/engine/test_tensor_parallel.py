@@ -10,7 +10,7 @@ output is the same on the CPU build).
 from __future__ import annotations
 
 import pytest
-from conftest import engine_kwargs
+from conftest import EMULATE_LAG, engine_kwargs
 from scripted import check_equivalent, random_scripts
 from tensor_parallel import TensorParallelEngine
 from test_interception import BLOCK_BYTES, POLICIES
@@ -22,7 +22,7 @@ def tp_engine(tiny_model):
                            tensor_parallel_size=2, distributed_executor_backend="mp")
     # Built with the swap connector; the policy is switched per run.
     engine = TensorParallelEngine({**kwargs, "intercept_policy": "swap", "swap_space_bytes": 8 * BLOCK_BYTES,
-                                   "profile_at_startup": False})
+                                   "profile_at_startup": False, "emulate_async_copies": EMULATE_LAG})
     yield engine
     engine.close()
 
@@ -38,6 +38,8 @@ def test_every_policy_at_tensor_parallel_2(tp_engine, stock, policy):
     assert free == total
     free_cpu, total_cpu = result["cpu_blocks"]
     assert free_cpu == total_cpu > 0
+    # Under the emulation no worker handed on a block a save had yet to read.
+    assert [w["poisoned_blocks"] for w in result["workers"]] == [0, 0]
     workers = result["workers"]
     assert len(workers) == 2 and {w["rank"] for w in workers} == {0, 1}
     # Each worker's CPU buffer holds its own shard: half of a whole block.

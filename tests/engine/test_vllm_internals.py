@@ -81,7 +81,9 @@ SCHEDULER_METHODS = {
     "_free_blocks": (["self", "request"], "InterceptSchedulerMixin._free_request (vLLM frees through it)"),
     "_connector_finished": (["self", "request"], "InterceptConnector.request_finished (vLLM calls it here)"),
     "_update_from_kv_xfer_finished": (["self", "kv_connector_output"],
-                                      "InterceptConnector (finished transfers free blocks here)"),
+                                      "InterceptSchedulerMixin._update_from_kv_xfer_finished "
+                                      "(finished saves free paused requests' blocks)"),
+    "_free_request_blocks": (["self", "request"], "PolicyDriver._free_device (swap out, discard)"),
     "_enqueue_waiting_request": (["self", "request"], "InterceptSchedulerMixin._enqueue_by_arrival"),
     "_holds_kv_blocks": (["request"], "InterceptSchedulerMixin._enqueue_by_arrival"),
     "has_requests": (["self"], "InterceptSchedulerMixin.has_requests"),
@@ -108,6 +110,7 @@ SCHEDULER_ATTRIBUTES = {
     "connector": "InterceptSchedulerMixin.__init__ (the swap planner), _resume",
     "block_size": "InterceptSchedulerMixin._resume, PolicyDriver",
     "max_num_scheduled_tokens": "PolicyDriver._batch_state",
+    "requires_kv_delivery": "InterceptConnector.requires_kv_delivery (read once, at start-up)",
     "scheduler_config": "InterceptSchedulerMixin.schedule (long_prefill_token_threshold)",
     "vllm_config": "InterceptSchedulerMixin.__init__",
     "kv_cache_config": "PolicyDriver (cost model)",

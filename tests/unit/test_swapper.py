@@ -311,9 +311,9 @@ def test_pinned_memory_without_cuda_is_refused():
 
 # ---- benchmark smoke run ----
 
-def _load_benchmark():
-    path = REPO_ROOT / "benchmarks" / "swap_overlap.py"
-    spec = importlib.util.spec_from_file_location("swap_overlap", path)
+def _load_benchmark(name: str = "swap_overlap"):
+    path = REPO_ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -331,6 +331,16 @@ def test_benchmark_smoke_run_verifies_its_data(tmp_path, capsys):
     assert "hidden share" in capsys.readouterr().out
     bench = bench_mod.Bench(bench_mod.parse_args(args))
     assert not bench.verify(bench.compute_alone)  # the check notices KV that was never swapped in
+
+
+def test_save_ordering_check_catches_early_free_under_the_emulation(capsys):
+    """The GPU check's CPU run: blocks held until the save is reported give exact copies;
+    blocks handed on when it is queued give corrupt ones (as they may on a GPU)."""
+    bench_mod = _load_benchmark("save_ordering")
+    result = bench_mod.main(["--device", "cpu", "--small", "--emulate", "--rounds", "2",
+                             "--num-layers", "2", "--warmup", "0", "--repeats", "1"])
+    assert result["exact_rounds"] == {"protocol": 2, "early_free": 0}
+    assert "exact copies: protocol 2/2, early free 0/2" in capsys.readouterr().out
 
 
 # ---- CUDA ----
