@@ -49,6 +49,9 @@ class ImmediateOrdering:
         finished, self._finished = self._finished, []
         return finished
 
+    def abandon_save(self, tag) -> None:
+        pass
+
     def pending_save_reads(self, device_ids: Iterable[int]) -> list[tuple[int, int]]:
         return []
 
@@ -105,6 +108,9 @@ class CudaOrdering:
             finished.append(self._saves.popleft()[0])
         return finished
 
+    def abandon_save(self, tag) -> None:
+        pass
+
     def pending_save_reads(self, device_ids: Iterable[int]) -> list[tuple[int, int]]:
         return []
 
@@ -135,6 +141,7 @@ class _Copy:
     device_ids: frozenset
     cpu_ids: frozenset
     run: Callable[[], None]
+    tag: object = None
     done: bool = False
 
 
@@ -148,6 +155,7 @@ class DeferredOrdering:
         self._seq = itertools.count()
         self._queues: dict[str, deque[_Copy]] = {SAVE: deque(), LOAD: deque()}
         self._saves: deque[list] = deque()  # [tag, last copy, polls left]
+        self._abandoned: set = set()
 
     def submit(self, queue: str, device_ids: Sequence[int], cpu_ids: Sequence[int],
                layers: Iterable[int], copy_layer: Callable[[int], None], tag=None) -> None:
@@ -155,7 +163,7 @@ class DeferredOrdering:
         last = None
         for layer_idx in layers:
             last = _Copy(next(self._seq), queue, layer_idx, device_set, cpu_set,
-                         lambda layer_idx=layer_idx: copy_layer(layer_idx))
+                         lambda layer_idx=layer_idx: copy_layer(layer_idx), tag)
             self._queues[queue].append(last)
         if tag is not None:
             self._saves.append([tag, last, self.lag])
@@ -183,13 +191,18 @@ class DeferredOrdering:
         while self._saves and self._saves[0][2] <= 0:
             tag, last, _ = self._saves.popleft()
             self._run_through(last)
+            self._abandoned.discard(tag)
             finished.append(tag)
         return finished
 
+    def abandon_save(self, tag) -> None:
+        self._abandoned.add(tag)
+
     def pending_save_reads(self, device_ids: Iterable[int]) -> list[tuple[int, int]]:
-        """(layer, device block) pairs of `device_ids` that a save has yet to read."""
-        wanted = frozenset(device_ids)
-        return [(c.layer_idx, b) for c in self._queues[SAVE] for b in sorted(c.device_ids & wanted)]
+        """(layer, device block) pairs of `device_ids` that a wanted save has yet to read."""
+        handed_on = frozenset(device_ids)
+        return [(c.layer_idx, b) for c in self._queues[SAVE] if c.tag not in self._abandoned
+                for b in sorted(c.device_ids & handed_on)]
 
     def wait_layer(self, layer_idx: int) -> None:
         loads = [c for c in self._queues[LOAD] if c.layer_idx == layer_idx]

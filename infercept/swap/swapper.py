@@ -246,10 +246,15 @@ class LayerwiseSwapper:
         """Tags of saves done since the last call, in the order they were queued; never blocks."""
         return self._ordering.finished_saves()
 
+    def abandon_save(self, tag: object) -> None:
+        """The copy of save `tag` is no longer wanted: its blocks may be handed on (it is
+        still reported by `finished_saves`)."""
+        self._ordering.abandon_save(tag)
+
     def poison_reused(self, device_block_ids: Sequence[int]) -> int:
         """Emulation check: `device_block_ids` are being handed to new owners now.
 
-        Any of them that a queued save has yet to read is overwritten with garbage, so
+        Any of them that a wanted save has yet to read is overwritten with garbage, so
         a save that was let go too early produces wrong tokens instead of passing by
         luck. Returns the number of (layer, block) pairs poisoned (0 off the emulation).
         """
