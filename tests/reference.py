@@ -41,7 +41,7 @@ class ChildEngine:
     (tensor-parallel workers) cannot be a daemon.
     """
 
-    def __init__(self, serve, engine_kwargs: dict, daemon: bool = True, start_timeout_s: float = 300):
+    def __init__(self, serve, engine_kwargs: dict, daemon: bool = True, start_timeout_s: float = 600):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=serve, args=(child, engine_kwargs), daemon=daemon)

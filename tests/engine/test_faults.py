@@ -99,6 +99,13 @@ def release():
     event.set()
 
 
+# The timeout of a tool that sometimes hangs and otherwise returns at once. A call
+# that returns at once must never time out however late this shared two-core
+# machine runs its thread, so the bound is far above any scheduling delay; each
+# hanging call waits it out, so it also sets how long the test runs.
+SOMETIMES_HANGS_TIMEOUT_S = 5.0
+
+
 @pytest.mark.parametrize("policy", ["preserve", "swap", "discard"])
 def test_a_hanging_tool_times_out_and_the_request_goes_on(intercept_llm, stock, markers, release, policy):
     llm = intercept_llm(policy, **ENGINE)
@@ -111,7 +118,7 @@ def test_a_hanging_tool_times_out_and_the_request_goes_on(intercept_llm, stock, 
             release.wait(60)
         return f"<ok{len(calls)}>"
 
-    aug = Augmentation("hangs", start, end, sometimes_hangs, timeout_s=0.3,
+    aug = Augmentation("hangs", start, end, sometimes_hangs, timeout_s=SOMETIMES_HANGS_TIMEOUT_S,
                        on_error=lambda exc: f"[{type(exc).__name__}]")
     outputs = llm.generate([{"prompt_token_ids": p} for p in random_prompts(4, seed=21)], PARAMS, [aug],
                            use_tqdm=False)
@@ -119,7 +126,8 @@ def test_a_hanging_tool_times_out_and_the_request_goes_on(intercept_llm, stock, 
     timed_out = [r for r in records if r.error]
     assert timed_out and len(timed_out) < len(records)
     for record in timed_out:
-        assert record.error.startswith("ToolTimeoutError: the tool did not return within 0.3 s")
+        assert record.error.startswith(
+            f"ToolTimeoutError: the tool did not return within {SOMETIMES_HANGS_TIMEOUT_S:g} s")
         assert record.result == "[ToolTimeoutError]" and record.result_tokens > 0
     check_against_stock(stock, outputs)
 
@@ -152,7 +160,7 @@ def test_a_hanging_async_tool_is_cancelled(intercept_llm, stock, markers):
                            use_tqdm=False)
     records = [r for o in outputs for r in o.interceptions if r.args is not None]
     assert records and all(r.error.startswith("ToolTimeoutError") and r.result_tokens == 0 for r in records)
-    assert cancelled.wait(5)
+    assert cancelled.wait(120)  # at once, unless the machine is very slow: a bound, not a timing
     check_against_stock(stock, outputs)
 
 

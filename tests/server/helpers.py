@@ -9,7 +9,10 @@ import httpx
 OPENAI_ERROR_FIELDS = {"message", "type", "param", "code"}
 # Where a paused request's KV is while the engine holds it.
 PAUSED_STATES = {"preserved", "swapped", "discarded"}
-IDLE_TIMEOUT_S = 30.0
+# How long the polls below wait for the server to get there: bounds on a hang, not
+# timings (each returns as soon as it gets there; a busy two-core machine is slow).
+IDLE_TIMEOUT_S = 120.0
+STATE_TIMEOUT_S = 120.0
 
 
 def pause_completion(base_url: str, model: str, *, headers: dict | None = None, **extra) -> dict:
@@ -43,7 +46,7 @@ def intercept_state(base_url: str, intercept_id: str, headers: dict | None = Non
     return response.json()["state"]
 
 
-def wait_for_state(base_url: str, intercept_id: str, states: set[str], timeout_s: float = 30.0,
+def wait_for_state(base_url: str, intercept_id: str, states: set[str], timeout_s: float = STATE_TIMEOUT_S,
                    headers: dict | None = None) -> str:
     deadline_s = time.monotonic() + timeout_s
     while (state := intercept_state(base_url, intercept_id, headers)) not in states:

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from infercept.bench.workload import (
     AUGMENTATIONS, FLOOR_FRACTION_OF_MEAN, GENERATE_FRACTION, PROMPT_FRACTION, TABLE_1,
@@ -130,6 +130,7 @@ def test_segments_are_well_formed(length_scale):
         assert (last.tool_s, last.tool_return_tokens) == (0.0, 0)
 
 
+@settings(deadline=None)  # timing is not the property: no per-example deadline on a shared machine
 @given(context_tokens=st.integers(2, 5000), num_interceptions=st.integers(0, 80))
 def test_split_context_gives_every_part_a_token_and_sums_exactly(context_tokens,
                                                                  num_interceptions):
