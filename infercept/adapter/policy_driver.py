@@ -124,7 +124,8 @@ class PolicyDriver:
         return BatchState(
             running_context_tokens=running_tokens,
             batch_tokens=batch_tokens,
-            free_device_tokens=free_tokens,
+            # What a prefetch may take: memory this step's batch does not want.
+            free_device_tokens=max(0, free_tokens - needed_tokens),
             free_cpu_tokens=self.swap.num_free_cpu_tokens if self.swap else 0,
             device_tokens_needed=max(0, needed_tokens - free_tokens - arriving_tokens),
         )
