@@ -48,12 +48,13 @@ def block_ids(kv_cache_manager, request_id: str) -> list[int]:
     return list(kv_cache_manager.get_block_ids(request_id)[0])
 
 
-def truncate(kv_cache_manager, request_id: str, num_tokens: int, block_size: int) -> int:
+def truncate(kv_cache_manager, request_id: str, num_tokens: int, block_size: int) -> tuple[int, list]:
     """Keep only the blocks that hold the request's first `num_tokens` tokens.
 
     The block where the kept prefix ends is kept only if nobody else can read
     it (not in the prefix cache, not shared): the tokens after the prefix will
-    be overwritten in it. Returns the number of tokens kept.
+    be overwritten in it. Returns the number of tokens kept and the blocks let
+    go, for the caller to free (vLLM's fence may hold them a step longer).
     """
     [manager] = kv_cache_manager.coordinator.single_type_managers
     req_blocks = manager.req_to_blocks[request_id]
@@ -67,5 +68,4 @@ def truncate(kv_cache_manager, request_id: str, num_tokens: int, block_size: int
     del req_blocks[keep:]
     if request_id in manager.num_cached_block:
         manager.num_cached_block[request_id] = min(manager.num_cached_block[request_id], keep)
-    kv_cache_manager.block_pool.free_blocks(reversed(tail))
-    return num_tokens
+    return num_tokens, tail

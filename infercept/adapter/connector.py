@@ -182,6 +182,11 @@ class InterceptConnector(KVConnectorBase_V1):
             step.allocated = _fresh_block_ids(scheduler_output, self._kv_cache_manager.block_pool)
         return step
 
+    def has_pending_block_frees(self) -> bool:
+        """Asked by vLLM before it preempts: a save in flight will free blocks soon,
+        so a request that needs them waits for the next step instead."""
+        return self.planner.has_saves_in_flight()
+
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, None]:
         """A request finished or was aborted: drop anything it left on the CPU.
 

@@ -138,6 +138,12 @@ class InterceptSchedulerMixin:
         while len(self._admissions) > 4096:
             self._admissions.pop(next(iter(self._admissions)))
 
+    @property
+    def _initialized(self) -> bool:
+        """False for a scheduler built without `__init__` (some of vLLM's own tests
+        build one so, to drive a single hook): it then behaves as vLLM's."""
+        return "policy_driver" in vars(self)
+
     # ---- detecting the trigger ------------------------------------------
 
     def _update_request_with_output(self, request: Request, new_token_ids, is_stale=False):
@@ -149,6 +155,8 @@ class InterceptSchedulerMixin:
         new_token_ids, stopped = super()._update_request_with_output(
             request, new_token_ids, is_stale
         )
+        if not self._initialized:
+            return new_token_ids, stopped
         spec = self._specs.get(request.request_id)
         if spec is None or not new_token_ids:
             return new_token_ids, stopped
@@ -187,6 +195,8 @@ class InterceptSchedulerMixin:
 
         Returns False (not finished) for a request that pauses on a trigger.
         """
+        if not self._initialized:
+            return super()._handle_stopped_request(request)
         if request.request_id not in self._pausing:
             self._specs.pop(request.request_id, None)
             self._recompute_marks.pop(request.request_id, None)
@@ -256,10 +266,13 @@ class InterceptSchedulerMixin:
             if reusable < paused.num_kv_tokens:
                 # Diverged (a chat template re-rendering the tool call): keep
                 # the common prefix's blocks, recompute the rest.
-                reused = blocks.truncate(self.kv_cache_manager, old.request_id, reusable,
-                                         self.block_size)
+                reused, tail = blocks.truncate(self.kv_cache_manager, old.request_id, reusable,
+                                               self.block_size)
+                self._free_blocks_after_inflight(old, tail)
             blocks.transfer(self.kv_cache_manager, old.request_id, request.request_id)
             request.num_computed_tokens = reused
+            # A step still in flight may write these blocks: vLLM's fence follows them.
+            request.last_sched_seq = old.last_sched_seq
         elif paused.location is Location.CPU:
             reused = min(reusable, self.policy_driver.swap.num_swapped_tokens(old.request_id))
             self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
@@ -273,6 +286,17 @@ class InterceptSchedulerMixin:
         self._enqueue_by_arrival(request)
         self.policy_driver.resumed(paused, request, reused)
         return reused
+
+    def _free_blocks_after_inflight(self, request: Request, freed: list) -> None:
+        """Return `request`'s `freed` blocks to the pool as vLLM's `_free_request_blocks`
+        does: at once, or (async scheduling with a connector) once the last step that
+        wrote them has been processed."""
+        if not freed:
+            return
+        if self._request_blocks_can_be_freed(request):
+            self.kv_cache_manager.block_pool.free_blocks(reversed(freed))
+        else:
+            self.deferred_frees.append((self.sched_step_seq, freed))
 
     def _enqueue_by_arrival(self, request: Request) -> None:
         """FCFS by first arrival: a resumed agent keeps its place in line."""

@@ -80,6 +80,9 @@ class SwapPlanner:
         """Whether a save of `key`'s blocks is queued and not yet reported done."""
         return key in self._saving
 
+    def has_saves_in_flight(self) -> bool:
+        return bool(self._saving)
+
     def save_done(self, key: str) -> bool:
         """Every worker finished `key`'s save; False if it was not ours."""
         abandoned = self._saving.pop(key, None)
@@ -148,6 +151,11 @@ class SwapPlanner:
         self._free_now, self._free_after_step = self._free_after_step, []
         step, self._step = self._step, SwapMetadata()
         return step
+
+    def num_pending_free_blocks(self) -> int:
+        """CPU blocks that no copy owns any more, not yet free (a step, or a save, away)."""
+        return (len(self._free_now) + len(self._free_after_step)
+                + sum(len(ids) for ids in self._saving.values()))
 
     def has_pending_work(self) -> bool:
         """Saves to hear back from, or CPU blocks still to free: keep stepping."""

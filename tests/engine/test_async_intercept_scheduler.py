@@ -682,12 +682,6 @@ def test_min_waste_swaps_out_prefetches_and_resumes(env):
     assert_all_free(e)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "InferCept returns blocks that the paused request's in-flight step still writes "
-    "to the pool at once, bypassing the fence vLLM keeps for a kv_both connector under "
-    "async scheduling (defer_block_free): blocks.transfer does not carry the paused "
-    "request's last_sched_seq to the resuming request, and blocks.truncate frees with "
-    "block_pool.free_blocks directly"))
 @pytest.mark.parametrize("case", ["resume-then-abort", "diverged-resume"])
 def test_blocks_a_step_in_flight_writes_stay_fenced(env, case):
     from vllm.v1.request import RequestStatus
@@ -714,15 +708,7 @@ def test_blocks_a_step_in_flight_writes_stay_fenced(env, case):
     assert still_held
 
 
-PRESSURE_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "Under memory pressure the policy evicts the preserved request by swapping it out, "
-    "but its device blocks come back only when the save is reported, one step after the "
-    "next schedule() under async scheduling; InterceptConnector does not implement "
-    "vLLM's has_pending_block_frees() hook, so vLLM preempts the running request that "
-    "needed the blocks (all its KV recomputed) instead of waiting for them"))
-
-
-@pytest.mark.parametrize("policy", [pytest.param("preserve", marks=PRESSURE_XFAIL), "discard"])
+@pytest.mark.parametrize("policy", ["preserve", "discard"])
 def test_memory_pressure_evicts_the_paused_request_not_the_running_one(env, policy):
     """A preserved request holds 3 of 7 blocks while a running one grows into them: the
     policy evicts the paused request, and the running one goes on without preemption."""

@@ -47,6 +47,7 @@ REQUEST_FIELDS_ASSIGNED = (
     "status",
     "arrival_time",
     "stop_reason",
+    "last_sched_seq",  # _resume: vLLM's in-flight fence follows the blocks
 )
 
 # Fields of `Request` that InferCept only reads (scheduler, policy driver, interception).
@@ -84,6 +85,8 @@ SCHEDULER_METHODS = {
                                       "InterceptSchedulerMixin._update_from_kv_xfer_finished "
                                       "(finished saves free paused requests' blocks)"),
     "_free_request_blocks": (["self", "request"], "PolicyDriver._free_device (swap out, discard)"),
+    "_request_blocks_can_be_freed": (["self", "request"],
+                                     "InterceptSchedulerMixin._free_blocks_after_inflight"),
     "_enqueue_waiting_request": (["self", "request"], "InterceptSchedulerMixin._enqueue_by_arrival"),
     "_holds_kv_blocks": (["request"], "InterceptSchedulerMixin._enqueue_by_arrival"),
     "has_requests": (["self"], "InterceptSchedulerMixin.has_requests"),
@@ -111,6 +114,8 @@ SCHEDULER_ATTRIBUTES = {
     "block_size": "InterceptSchedulerMixin._resume, PolicyDriver",
     "max_num_scheduled_tokens": "PolicyDriver._batch_state",
     "requires_kv_delivery": "InterceptConnector.requires_kv_delivery (read once, at start-up)",
+    "deferred_frees": "InterceptSchedulerMixin._free_blocks_after_inflight",
+    "sched_step_seq": "InterceptSchedulerMixin._free_blocks_after_inflight",
     "scheduler_config": "InterceptSchedulerMixin.schedule (long_prefill_token_threshold)",
     "vllm_config": "InterceptSchedulerMixin.__init__",
     "kv_cache_config": "PolicyDriver (cost model)",
@@ -151,6 +156,7 @@ CONNECTOR_HOOKS = {
     # configuration
     "requires_piecewise_for_cudagraph": ("classmethod", ["cls", "extra_config"]),
     "requires_kv_delivery": ("property", []),
+    "has_pending_block_frees": ("method", ["self"]),  # vLLM asks before it preempts
     # used inside InterceptConnector.start_load_kv
     "_get_connector_metadata": ("method", ["self"]),
 }
@@ -379,9 +385,11 @@ def test_transfer_and_truncate_on_vllms_own_kv_cache_manager():
     # the prefix cache (block_hash None) and not shared (ref_cnt 1).
     last = single.req_to_blocks["resumed"][1]
     assert last.block_hash is None and last.ref_cnt == 1
-    assert blocks.truncate(manager, "resumed", 20, 16) == 20
+    kept, tail = blocks.truncate(manager, "resumed", 20, 16)
+    assert kept == 20 and [b.block_id for b in tail] == ids[2:]
     assert blocks.block_ids(manager, "resumed") == ids[:2]
-    assert manager.block_pool.get_num_free_blocks() == free + 1  # through block_pool.free_blocks
+    manager.block_pool.free_blocks(reversed(tail))  # as the scheduler does, past vLLM's fence
+    assert manager.block_pool.get_num_free_blocks() == free + 1
     del single._partial_hit_reqs["resumed"]
     manager.free(resumed)
     assert manager.block_pool.get_num_free_blocks() == free + 3

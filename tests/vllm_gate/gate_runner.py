@@ -101,18 +101,7 @@ EXCEPTIONS: dict[str, Excepted] = {
 
 # Failures under InferCept already diagnosed, printed with the diff (they still
 # fail the gate until fixed or excepted).
-_NO_INIT = (
-    "the test builds the scheduler with object.__new__ (no __init__) and sets only "
-    "the attributes vLLM's update_from_output reads; InferCept's overrides "
-    "_update_request_with_output and _handle_stopped_request read the per-request "
-    "state its __init__ creates (self._specs, self._pausing, self._recompute_marks) "
-    "-> AttributeError. With those three present the test passes"
-)
-KNOWN_CAUSES: dict[str, str] = {
-    _SCHED + "test_abort_request_when_structured_output_fsm_cannot_advance": _NO_INIT,
-    "tests/v1/core/test_async_scheduler.py::"
-    "test_abort_request_when_structured_output_fsm_cannot_advance": _NO_INIT,
-}
+KNOWN_CAUSES: dict[str, str] = {}
 
 
 def _matches(nodeid: str, key: str) -> bool:
