@@ -32,7 +32,17 @@ SAVE, LOAD = "save", "load"
 _OTHER = {SAVE: LOAD, LOAD: SAVE}
 
 
-class ImmediateOrdering:
+class _Unchecked:
+    """Orderings that run copies for real have nothing for the emulation's checks."""
+
+    def abandon_save(self, tag) -> None:
+        pass
+
+    def pending_save_reads(self, device_ids: Iterable[int]) -> list[tuple[int, int]]:
+        return []
+
+
+class ImmediateOrdering(_Unchecked):
     """Copies run when queued (CPU tensors: a copy is synchronous)."""
 
     def __init__(self) -> None:
@@ -48,12 +58,6 @@ class ImmediateOrdering:
     def finished_saves(self) -> list:
         finished, self._finished = self._finished, []
         return finished
-
-    def abandon_save(self, tag) -> None:
-        pass
-
-    def pending_save_reads(self, device_ids: Iterable[int]) -> list[tuple[int, int]]:
-        return []
 
     def wait_layer(self, layer_idx: int) -> None:
         pass
@@ -71,7 +75,7 @@ class ImmediateOrdering:
         return True
 
 
-class CudaOrdering:
+class CudaOrdering(_Unchecked):
     """Two side streams, per-layer load events, cross-stream waits only on shared blocks."""
 
     def __init__(self, device: torch.device, num_layers: int) -> None:
@@ -107,12 +111,6 @@ class CudaOrdering:
         while self._saves and self._saves[0][1].query():  # one stream: done in order
             finished.append(self._saves.popleft()[0])
         return finished
-
-    def abandon_save(self, tag) -> None:
-        pass
-
-    def pending_save_reads(self, device_ids: Iterable[int]) -> list[tuple[int, int]]:
-        return []
 
     def wait_layer(self, layer_idx: int) -> None:
         torch.cuda.current_stream(self.device).wait_event(self._layer_events[layer_idx])
