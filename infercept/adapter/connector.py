@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from infercept.adapter.swap_metadata import BlockCopies, SwapMetadata  # noqa: F401  (re-exported)
+from infercept.adapter.swap_metadata import SwapMetadata
 from infercept.config import InterceptConfig
 
 if TYPE_CHECKING:
