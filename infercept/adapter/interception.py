@@ -98,20 +98,49 @@ class InterceptSpec:
         return cls.from_dict(extra.get(EXTRA_ARGS_KEY))
 
 
-def trigger_completed(output_token_ids, triggers, decode) -> bool:
-    """Whether the newest output token completes one of the text triggers.
+def trigger_completed(output_token_ids, triggers, decode, special_ids=frozenset()) -> bool:
+    """Whether the newest output token completes one of the triggers.
 
-    Only a short tail is decoded: enough tokens to hold the longest trigger
-    (every token is at least one byte) plus one for a split character. The
-    trigger counts as completed when it is in the tail's text but was not in
-    the text before the newest token.
+    `decode(token_ids)` must give the text the request's own detokenization
+    shows (vLLM's stop strings are matched on it): with the request's
+    `skip_special_tokens`, a special token between a marker's characters adds
+    nothing to it, so the marker still completes. Only a tail is decoded,
+    grown until the text before the newest token holds a whole trigger plus a
+    character (a split multi-byte character, a tokenizer's stripped leading
+    space), or the whole output. The trigger counts as completed when the
+    newest token adds an occurrence of it.
+
+    `special_ids`: the triggers that are one special token each (a tool
+    parser's end token), matched by id, as the request may not show them.
     """
-    if not triggers or not output_token_ids:
+    if not output_token_ids:
         return False
-    width = max(len(t.encode()) for t in triggers) + 1
-    tail = list(output_token_ids[-width - 1 :])
-    text, before = decode(tail), decode(tail[:-1])
-    return any(t in text and t not in before for t in triggers)
+    if special_ids and output_token_ids[-1] in special_ids:
+        return True
+    if not triggers:
+        return False
+    need = max(len(t) for t in triggers)
+    width = need + 1
+    while True:
+        tail = list(output_token_ids[-width - 1:])
+        before = decode(tail[:-1])
+        if len(before) > need or len(tail) == len(output_token_ids):
+            break
+        width *= 2
+    text = decode(tail)
+    return any(text.count(t) > before.count(t) for t in triggers)
+
+
+def special_token_triggers(triggers, tokenizer) -> dict[str, int]:
+    """The triggers that are one special token each (hidden by `skip_special_tokens`),
+    with the token's id."""
+    found = {}
+    for trigger in triggers:
+        ids = tokenizer.encode(trigger, add_special_tokens=False)
+        if (len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=False) == trigger
+                and tokenizer.decode(ids, skip_special_tokens=True) == ""):
+            found[trigger] = ids[0]
+    return found
 
 
 @dataclass

@@ -33,6 +33,7 @@ from infercept.adapter.interception import (
     STOP_REASON,
     Interception,
     InterceptSpec,
+    special_token_triggers,
     trigger_completed,
 )
 from infercept.adapter.policy_driver import PolicyDriver
@@ -55,6 +56,8 @@ class InterceptSchedulerMixin:
         self._pausing: set[str] = set()
         self._specs: dict[str, InterceptSpec] = {}
         self._tokenizer = None
+        # triggers -> {special-token trigger: its id}
+        self._special_trigger_ids: dict[tuple[str, ...], dict[str, int]] = {}
         # Request id -> tokens whose KV was computed before (a resume or a
         # preemption): scheduled tokens below it are recomputation.
         self._recompute_marks: dict[str, int] = {}
@@ -177,16 +180,32 @@ class InterceptSchedulerMixin:
     def _trigger_fired(self, request: Request, spec: InterceptSpec) -> bool:
         if spec.intercept_after is not None and request.num_output_tokens >= spec.intercept_after:
             return True
-        return bool(spec.triggers) and trigger_completed(
-            request.output_token_ids, spec.triggers, self._decode
+        if not spec.triggers:
+            return False
+        special = self._special_triggers(spec.triggers)
+        skip_special = request.sampling_params.skip_special_tokens
+        text_triggers = [t for t in spec.triggers if not (skip_special and t in special)]
+        return trigger_completed(
+            request.output_token_ids, text_triggers,
+            lambda ids: self._tokenizer_once().decode(ids, skip_special_tokens=skip_special),
+            frozenset(special.values()) if skip_special else frozenset(),
         )
 
-    def _decode(self, token_ids) -> str:
+    def _special_triggers(self, triggers: tuple[str, ...]) -> dict[str, int]:
+        found = self._special_trigger_ids.get(triggers)
+        if found is None:
+            found = special_token_triggers(triggers, self._tokenizer_once())
+            if len(self._special_trigger_ids) >= 1024:
+                self._special_trigger_ids.pop(next(iter(self._special_trigger_ids)))
+            self._special_trigger_ids[triggers] = found
+        return found
+
+    def _tokenizer_once(self):
         if self._tokenizer is None:
             from vllm.tokenizers import cached_tokenizer_from_config
 
             self._tokenizer = cached_tokenizer_from_config(self.vllm_config.model_config)
-        return self._tokenizer.decode(token_ids, skip_special_tokens=False)
+        return self._tokenizer
 
     # ---- pause -------------------------------------------------------------
 
