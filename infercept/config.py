@@ -149,6 +149,15 @@ class InterceptConfig:
             help="Skip the start-up profiling of forward and swap times; use a "
             "cached or default cost model.",
         )
+        group.add_argument(
+            "--emulate-async-copies",
+            type=int,
+            default=0,
+            metavar="STEPS",
+            help="Testing, CPU only: run every KV copy as late as a GPU's asynchronous "
+            "copies may complete (a swap-out's save STEPS steps late), so an ordering "
+            "bug that only a GPU would show gives wrong tokens here.",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "InterceptConfig":
@@ -158,6 +167,7 @@ class InterceptConfig:
             intercept_timeout_s=args.intercept_timeout,
             cost_profile=args.cost_profile,
             profile_at_startup=args.profile_at_startup,
+            emulate_async_copies=getattr(args, "emulate_async_copies", 0),
         )
 
 

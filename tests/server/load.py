@@ -181,6 +181,16 @@ async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: in
                       errors, mismatches, divergence_turns)
 
 
+def counters(base_url: str) -> dict[str, float]:
+    """The server's decision and preemption counters (cumulative)."""
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(("infercept:decisions_total", "infercept:preemptions_total",
+                                   "infercept:recomputed_tokens_total"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=1000)
@@ -188,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-segment", type=int, default=8)
     parser.add_argument("--scripts", type=int, default=16, help="distinct conversations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs on the same server, seeds seed, seed+1, ...")
+    parser.add_argument("--server-args", default="",
+                        help="more `infercept serve` arguments after the suite's (later ones win), "
+                        "e.g. '--intercept-policy vllm' or '--emulate-async-copies 2'")
     parser.add_argument("--base-url", help="a running server (default: start one on the tiny model)")
     parser.add_argument("--model", help="the served model's name (with --base-url)")
     args = parser.parse_args(argv)
@@ -202,23 +217,28 @@ def main(argv: list[str] | None = None) -> int:
         base_url, model = args.base_url, args.model
         if base_url is None:
             model = str(build_tiny_model(Path(tmp) / "tiny-model"))
-            server = ServerProcess([model, *LOAD_SERVER_ARGS], Path(tmp) / "server.log").start()
+            server = ServerProcess([model, *LOAD_SERVER_ARGS, *args.server_args.split()],
+                                   Path(tmp) / "server.log").start()
             base_url = server.base_url
             print(f"server: infercept serve {' '.join(server.command[2:])}", flush=True)
+        reports = []
         try:
-            report = asyncio.run(run_load(base_url, model, num_agents=args.agents,
-                                          tool_calls=args.tool_calls,
-                                          tokens_per_segment=args.tokens_per_segment,
-                                          num_scripts=args.scripts, seed=args.seed))
-            print(report.describe())
-            print(json.dumps({**report.__dict__, "errors": report.errors[:5]}, indent=1))
-            if not report.errors:  # an agent that failed leaves its intercept to the timeout
-                wait_until_nothing_held(base_url, timeout_s=60)
-            print("afterwards:", memory_samples(base_url))
+            for run in range(args.repeat):
+                report = asyncio.run(run_load(base_url, model, num_agents=args.agents,
+                                              tool_calls=args.tool_calls,
+                                              tokens_per_segment=args.tokens_per_segment,
+                                              num_scripts=args.scripts, seed=args.seed + run))
+                reports.append(report)
+                print(f"run {run + 1}/{args.repeat}: {report.describe()}")
+                print(json.dumps({**report.__dict__, "errors": report.errors[:5]}, indent=1))
+                if not report.errors:  # an agent that failed leaves its intercept to the timeout
+                    wait_until_nothing_held(base_url, timeout_s=60)
+                print("afterwards:", memory_samples(base_url))
+                print("so far:", counters(base_url), flush=True)
         finally:
             if server is not None:
                 print("server stopped:", server.stop())
-    return 0 if not report.errors and not report.mismatches else 1
+    return 0 if reports and not any(r.errors or r.mismatches for r in reports) else 1
 
 
 if __name__ == "__main__":
