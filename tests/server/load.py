@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import random
 import statistics
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -71,6 +73,9 @@ class Transcript:
     texts: list[str] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
+    # With tracing, per turn: what the engine did to it (the pause's state and
+    # decisions just before the resume, then the tokens the resume reused).
+    events: list[dict] = field(default_factory=list)
 
     def output(self) -> tuple:
         return tuple(self.texts), tuple(self.completion_tokens)
@@ -83,13 +88,21 @@ def make_scripts(num_scripts: int, tool_calls: int, tokens_per_segment: int) -> 
             for k in range(num_scripts)]
 
 
-async def run_agent(client, model: str, script: Script, durations_s: list[float]) -> Transcript:
-    """One conversation; every segment but the last pauses for a tool call."""
+async def run_agent(client, model: str, script: Script, durations_s: list[float],
+                    trace: bool = False, stock: bool = False) -> Transcript:
+    """One conversation; every segment but the last pauses for a tool call.
+
+    `stock`: the server runs `--intercept-policy vllm`, where the call ends the
+    request; the agent sends the whole context back as token ids (its prompt and
+    outputs, the tool's result tokenized by the server), as a client of stock vLLM
+    does: the same tokens InferCept's resume appends.
+    """
     from openai.types import Completion
 
     tokens = script.tokens_per_segment
     budget = tokens * (len(script.results) + 1)
     transcript, previous_id = Transcript(), None
+    context_ids: list[int] = []
 
     def extension(turn: int) -> dict:
         if turn == len(script.results):
@@ -98,12 +111,28 @@ async def run_agent(client, model: str, script: Script, durations_s: list[float]
 
     for turn in range(len(script.results) + 1):
         started_s = time.monotonic()
-        if turn == 0:
+        if turn == 0 or stock:
+            if turn > 0:
+                await asyncio.sleep(durations_s[turn - 1])  # the tool runs
+                root = str(client.base_url).rstrip("/").removesuffix("/v1")
+                result = await client.post(f"{root}/tokenize", cast_to=object, body={
+                    "model": model, "prompt": script.results[turn - 1], "add_special_tokens": False})
+                context_ids += result["tokens"]
+                started_s = time.monotonic()
             reply = await client.completions.create(
-                model=model, prompt=script.prompt, max_tokens=budget, temperature=0,
-                extra_body={"ignore_eos": True, "infercept": extension(0)})
+                model=model, prompt=context_ids if turn else script.prompt,
+                max_tokens=budget - sum(transcript.completion_tokens), temperature=0,
+                extra_body={"ignore_eos": True, "infercept": extension(turn),
+                            "return_token_ids": stock})
+            if stock:
+                choice = reply.choices[0].model_extra
+                context_ids = list(choice["prompt_token_ids"]) + list(choice["token_ids"])
         else:
             await asyncio.sleep(durations_s[turn - 1])  # the tool runs
+            if trace:
+                state = await client.get(f"/intercepts/{previous_id}", cast_to=object)
+                transcript.events.append({"turn": turn, "state": state["state"], "decisions": [
+                    (d["action"], d["location"], d["at_s"]) for d in state["history"]]})
             started_s = time.monotonic()
             reply = await client.post(
                 f"/intercepts/{previous_id}/resume", cast_to=Completion,
@@ -112,6 +141,10 @@ async def run_agent(client, model: str, script: Script, durations_s: list[float]
         transcript.texts.append(reply.choices[0].text)
         transcript.completion_tokens.append(reply.usage.completion_tokens)
         info = reply.model_extra.get("infercept") or {}
+        if trace and turn > 0:
+            transcript.events[-1]["reused_tokens"] = info.get("reused_tokens")
+        if stock:
+            continue
         if turn > 0 and info.get("resumed_from") != previous_id:
             raise AssertionError(f"turn {turn} resumed {info.get('resumed_from')}, not {previous_id}")
         previous_id = info.get("intercept_id")
@@ -129,6 +162,13 @@ class LoadReport:
     errors: list[str]
     mismatches: list[int]
     divergence_turns: dict[int, int] = field(default_factory=dict)  # first differing turn: agents
+    # With tracing, per differing agent: its first differing turn and what the engine did
+    traces: dict[int, dict] = field(default_factory=dict)
+    # With tracing: resumes by the paused request's state just before (all agents)
+    resume_states: dict[str, int] = field(default_factory=dict)
+    # The scripts' transcripts run alone: equal digests, equal references (across
+    # policies: InferCept's resumes against stock vLLM's resent contexts)
+    reference_digest: str = ""
 
     def describe(self) -> str:
         latency = ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in self.turn_latency_s.items())
@@ -145,7 +185,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: int,
                    tokens_per_segment: int, num_scripts: int, seed: int = 0,
-                   timeout_s: float = 1800.0) -> LoadReport:
+                   timeout_s: float = 1800.0, trace: bool = False,
+                   stock: bool = False) -> LoadReport:
     """The scripts alone first (the reference), then all agents at once."""
     import httpx
     import openai
@@ -159,12 +200,13 @@ async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: in
     http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=REQUEST_TIMEOUT_S)
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="EMPTY", max_retries=0,
                                   http_client=http_client) as client:
-        reference = [(await run_agent(client, model, s, [0.0] * tool_calls)).output() for s in scripts]
+        reference = [(await run_agent(client, model, s, [0.0] * tool_calls, stock=stock)).output() for s in scripts]
         plans = [(j % num_scripts, [rng.uniform(0.05, 0.95) for _ in range(tool_calls)])
                  for j in range(num_agents)]
         started_s = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(
-            *(run_agent(client, model, scripts[k], durations) for k, durations in plans),
+            *(run_agent(client, model, scripts[k], durations, trace, stock)
+              for k, durations in plans),
             return_exceptions=True), timeout_s)
         total_s = time.monotonic() - started_s
     errors = [f"agent {j}: {r!r} ({r.__cause__!r})" for j, r in enumerate(results)
@@ -172,13 +214,18 @@ async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: in
     transcripts = [(j, r) for j, r in enumerate(results) if not isinstance(r, BaseException)]
     mismatches = [j for j, r in transcripts if r.output() != reference[plans[j][0]]]
     divergence_turns: dict[int, int] = {}
+    traces: dict[int, dict] = {}
     for j in mismatches:
         texts, expected = results[j].texts, reference[plans[j][0]][0]
         turn = next((t for t in range(len(expected)) if texts[t] != expected[t]), len(expected))
         divergence_turns[turn] = divergence_turns.get(turn, 0) + 1
+        if trace:
+            traces[j] = {"script": plans[j][0], "first_wrong_turn": turn, "turns": results[j].events}
     latencies = [s for _, r in transcripts for s in r.latencies_s]
     return LoadReport(num_agents, len(latencies), total_s, percentiles(latencies) if latencies else {},
-                      errors, mismatches, divergence_turns)
+                      errors, mismatches, divergence_turns, traces,
+                      dict(Counter(e["state"] for _, r in transcripts for e in r.events)),
+                      hashlib.sha256(json.dumps(reference).encode()).hexdigest()[:16])
 
 
 def counters(base_url: str) -> dict[str, float]:
@@ -198,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-segment", type=int, default=8)
     parser.add_argument("--scripts", type=int, default=16, help="distinct conversations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", action="store_true",
+                        help="before each resume, ask the intercept's state and decisions; "
+                        "a differing agent's report shows them per turn (adds a request per turn)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs on the same server, seeds seed, seed+1, ...")
     parser.add_argument("--server-args", default="",
@@ -227,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                 report = asyncio.run(run_load(base_url, model, num_agents=args.agents,
                                               tool_calls=args.tool_calls,
                                               tokens_per_segment=args.tokens_per_segment,
-                                              num_scripts=args.scripts, seed=args.seed + run))
+                                              num_scripts=args.scripts, seed=args.seed + run,
+                                              trace=args.trace,
+                                              stock="vllm" in args.server_args.split()))
                 reports.append(report)
                 print(f"run {run + 1}/{args.repeat}: {report.describe()}")
                 print(json.dumps({**report.__dict__, "errors": report.errors[:5]}, indent=1))
