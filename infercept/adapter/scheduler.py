@@ -56,8 +56,8 @@ class InterceptSchedulerMixin:
         self._pausing: set[str] = set()
         self._specs: dict[str, InterceptSpec] = {}
         self._tokenizer = None
-        # triggers -> {special-token trigger: its id}
-        self._special_trigger_ids: dict[tuple[str, ...], dict[str, int]] = {}
+        # (triggers, skip_special_tokens) -> (text triggers, special-token trigger ids)
+        self._trigger_split: dict[tuple, tuple[tuple[str, ...], frozenset[int]]] = {}
         # Request id -> tokens whose KV was computed before (a resume or a
         # preemption): scheduled tokens below it are recomputation.
         self._recompute_marks: dict[str, int] = {}
@@ -182,23 +182,26 @@ class InterceptSchedulerMixin:
             return True
         if not spec.triggers:
             return False
-        special = self._special_triggers(spec.triggers)
         skip_special = request.sampling_params.skip_special_tokens
-        text_triggers = [t for t in spec.triggers if not (skip_special and t in special)]
+        text_triggers, special_ids = self._split_triggers(spec.triggers, skip_special)
         return trigger_completed(
             request.output_token_ids, text_triggers,
             lambda ids: self._tokenizer_once().decode(ids, skip_special_tokens=skip_special),
-            frozenset(special.values()) if skip_special else frozenset(),
+            special_ids,
         )
 
-    def _special_triggers(self, triggers: tuple[str, ...]) -> dict[str, int]:
-        found = self._special_trigger_ids.get(triggers)
-        if found is None:
-            found = special_token_triggers(triggers, self._tokenizer_once())
-            if len(self._special_trigger_ids) >= 1024:
-                self._special_trigger_ids.pop(next(iter(self._special_trigger_ids)))
-            self._special_trigger_ids[triggers] = found
-        return found
+    def _split_triggers(self, triggers: tuple[str, ...], skip_special: bool):
+        """(the triggers matched as text, the ids of those matched as one special token):
+        with special tokens hidden, a trigger that is one special token goes by id."""
+        key = (triggers, skip_special)
+        split = self._trigger_split.get(key)
+        if split is None:
+            special = special_token_triggers(triggers, self._tokenizer_once()) if skip_special else {}
+            split = (tuple(t for t in triggers if t not in special), frozenset(special.values()))
+            if len(self._trigger_split) >= 1024:
+                self._trigger_split.pop(next(iter(self._trigger_split)))
+            self._trigger_split[key] = split
+        return split
 
     def _tokenizer_once(self):
         if self._tokenizer is None:
