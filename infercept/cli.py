@@ -120,18 +120,9 @@ def _on_cpu() -> bool:
 
 
 def build_parser():
-    from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    class InterceptServe(ServeSubcommand):
-        def subparser_init(self, subparsers):
-            serve_parser = super().subparser_init(subparsers)
-            serve_parser.usage = "infercept serve [model_tag] [options]"
-            # vLLM's text names its own default model and the `vllm` command.
-            serve_parser.description = SERVE_DESCRIPTION
-            serve_parser.epilog = serve_parser.epilog.replace("vllm serve", "infercept serve")
-            add_infercept_args(serve_parser)
-            return serve_parser
+    from infercept.serve_command import InterceptServe
 
     parser = FlexibleArgumentParser(
         prog="infercept",

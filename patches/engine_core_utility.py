@@ -6,8 +6,11 @@ Why: the API server asks the scheduler, which lives in the engine-core
   front-end reaches the engine core only through utility calls, which look the
   method up on the EngineCore object by name; there is no hook for a
   scheduler-level query.
-How: adds one method, `EngineCore.infercept(method, *args)`, that calls
-  `scheduler.infercept_<method>(*args)`. Nothing of vLLM's changes behaviour.
+How: adds one method, `EngineCore.infercept(method, args)`, that calls
+  `scheduler.infercept_<method>(*args)`. The arguments travel as one list:
+  vLLM's utility dispatch matches the arguments it receives against the
+  method's declared parameters one by one, so a `*args` method could take
+  one argument at most. Nothing of vLLM's changes behaviour.
 Remove when: vLLM offers a way for a scheduler class to expose utility calls
   (or a generic stats/query hook for custom schedulers).
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 METHOD = "infercept"
 
 
-def _infercept(self, method: str, *args):
+def _infercept(self, method: str, args: list | tuple = ()):
     target = getattr(self.scheduler, f"infercept_{method}", None)
     if target is None:
         raise ValueError(f"the engine's scheduler has no InferCept method {method!r}")

@@ -38,6 +38,10 @@ class InterceptSpec:
     pause_on_stop: bool = False
     # May take over a paused request whose whole prompt this one's begins with.
     auto_resume: bool = False
+    # The front-end's record of the session (what a resume needs: the request's
+    # kind, model, defaults, budget; opaque to the engine). Kept with the
+    # paused request, so every API server process finds it where the KV is.
+    session: dict[str, Any] | None = None
 
     @property
     def intercepts(self) -> bool:
@@ -71,6 +75,8 @@ class InterceptSpec:
         for name in ("pause_on_stop", "auto_resume"):
             if not isinstance(data.get(name, False), bool):
                 raise InterceptSpecError(f"'{name}' must be a boolean")
+        if data.get("session") is not None and not isinstance(data["session"], dict):
+            raise InterceptSpecError("'session' must be an object")
         expected = data.get("expected_duration_s")
         if expected is not None:
             if isinstance(expected, bool) or not isinstance(expected, (int, float)) or not expected >= 0:
@@ -78,13 +84,13 @@ class InterceptSpec:
             expected = float(expected)
         return cls(tuple(triggers), after, data.get("resume"), data.get("tool"), expected,
                    data.get("key"), data.get("pause_on_stop", False),
-                   data.get("auto_resume", False))
+                   data.get("auto_resume", False), data.get("session"))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.triggers:
             out["triggers"] = list(self.triggers)
-        for name in ("intercept_after", "resume", "tool", "expected_duration_s", "key"):
+        for name in ("intercept_after", "resume", "tool", "expected_duration_s", "key", "session"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         for name in ("pause_on_stop", "auto_resume"):
@@ -197,3 +203,15 @@ class Interception:
     @property
     def context_tokens(self) -> int:
         return self.request.num_tokens
+
+    @property
+    def generated_tokens(self) -> int:
+        """The model's own tokens over the whole session (every segment so far)."""
+        before = (self.spec.session or {}).get("generated_before", 0)
+        return before + self.context_tokens - self.prompt_tokens
+
+    def summary(self, state: str) -> dict[str, Any]:
+        """What the front-end still reports about an intercept that has ended."""
+        return {"intercept_id": self.key, "state": state, "context_tokens": self.context_tokens,
+                "generated_tokens": self.generated_tokens, "tool": self.spec.tool,
+                "paused_at_s": self.paused_at_s, "history": []}

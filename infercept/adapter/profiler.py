@@ -230,8 +230,8 @@ def engine_call(llm_engine, method: str, *args):
     """Call the scheduler through the engine core, in-process or not."""
     client = llm_engine.engine_core
     if hasattr(client, "engine_core"):  # in-process
-        return client.engine_core.infercept(method, *args)
-    return client.call_utility("infercept", method, *args)
+        return client.engine_core.infercept(method, list(args))
+    return client.call_utility("infercept", method, list(args))
 
 
 def _with_capacities(cost: CostModel, base: CostModel) -> CostModel:

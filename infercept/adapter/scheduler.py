@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_right
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
@@ -72,6 +72,16 @@ class InterceptSchedulerMixin:
         self._by_prefix: dict[tuple[int, ...], set[str]] = defaultdict(set)
         # Key -> how the request of that key was admitted (bounded).
         self._admissions: dict[str, dict] = {}
+        # The intercepts' ledger, here with their KV so that every API server
+        # process (and, under data parallelism, the front-end that routes to
+        # this engine) finds it: keys claimed by a resume on its way, ended
+        # intercepts' last state (bounded), paused keys by the ids of the tool
+        # calls their turn made (how a follow-up names its conversation).
+        self._claimed: set[str] = set()
+        self._ended: OrderedDict[str, dict] = OrderedDict()
+        self._by_call_id: dict[str, str] = {}
+        # This engine's data-parallel rank (0 without data parallelism).
+        self.engine_rank = self.vllm_config.parallel_config.data_parallel_rank
         planner = getattr(self.connector, "planner", None)
         self.policy_driver = PolicyDriver(self, self.intercept_config, planner)
 
@@ -104,31 +114,52 @@ class InterceptSchedulerMixin:
             request_id = self._keys.get(spec.resume, spec.resume)
             if request_id in self.intercepts:
                 return self._take_paused(request_id)
-        prefix = _prefix_key(request.prompt_token_ids)
-        if not spec.auto_resume or not self.intercepts or prefix is None:
+        if not spec.auto_resume:
+            return None
+        best = self._continued(request.prompt_token_ids)
+        return self._take_paused(best.request_id) if best else None
+
+    def _continued(self, prompt_token_ids) -> Interception | None:
+        """The paused request `prompt_token_ids` continues (its whole prompt, and
+        more, computed in its KV), the longest match; a claimed one is taken
+        only by the resume that claimed it."""
+        prefix = _prefix_key(prompt_token_ids)
+        if not self.intercepts or prefix is None:
             return None
         best, best_len = None, 0
         for request_id in self._by_prefix.get(prefix, ()):
             paused = self.intercepts[request_id]
+            if paused.key in self._claimed:
+                continue
             common = blocks.common_prefix_len(
-                paused.request.all_token_ids, request.prompt_token_ids, paused.num_kv_tokens
+                paused.request.all_token_ids, prompt_token_ids, paused.num_kv_tokens
             )
             # The whole paused prompt, and more: the same conversation going on
             # (another agent may send the very same prompt).
-            going_on = len(request.prompt_token_ids) > paused.prompt_tokens
+            going_on = len(prompt_token_ids) > paused.prompt_tokens
             if going_on and common >= paused.prompt_tokens and common > best_len:
                 best, best_len = paused, common
-        return self._take_paused(best.request_id) if best else None
+        return best
 
-    def _take_paused(self, request_id: str) -> Interception:
+    def _take_paused(self, request_id: str, ended_as: str = "resumed") -> Interception:
         paused = self.intercepts.pop(request_id)
         self._keys.pop(paused.key, None)
+        self._claimed.discard(paused.key)
+        for call_id in (paused.spec.session or {}).get("call_ids", ()):
+            self._by_call_id.pop(call_id, None)
+        if paused.spec.key is not None:
+            self._end(paused.key, paused.summary(ended_as))
         prefix = _prefix_key(paused.request.all_token_ids)
         if prefix is not None:
             self._by_prefix[prefix].discard(request_id)
             if not self._by_prefix[prefix]:
                 del self._by_prefix[prefix]
         return paused
+
+    def _end(self, key: str, summary: dict) -> None:
+        self._ended[key] = summary
+        while len(self._ended) > MAX_ENDED_INTERCEPTS:
+            self._ended.popitem(last=False)
 
     def _admit(self, spec: InterceptSpec, paused: Interception | None, reused_tokens: int) -> None:
         """Remember how a keyed request was admitted, for the front-end to ask."""
@@ -360,11 +391,15 @@ class InterceptSchedulerMixin:
         A later resume naming an expired request recomputes it from its prompt.
         """
         timeout_s = self.intercept_config.intercept_timeout_s
-        expired = [p.request_id for p in self.intercepts.values() if now_s - p.paused_at_s > timeout_s]
+        expired = [p for p in self.intercepts.values()
+                   if now_s - p.paused_at_s > timeout_s and p.key not in self._claimed]
         if expired:
             logger.info("releasing %d paused request(s) not resumed within %.1f s", len(expired), timeout_s)
             self.policy_driver.stats.expired += len(expired)
-            self.finish_requests(expired, RequestStatus.FINISHED_ABORTED)
+            self.finish_requests([p.request_id for p in expired], RequestStatus.FINISHED_ABORTED)
+            for paused in expired:
+                if paused.key in self._ended:
+                    self._ended[paused.key]["state"] = "expired"
 
     def _recompute_threshold(self) -> int | None:
         """Chunked recompute (min-waste): the step's prefill threshold, or None.
@@ -464,30 +499,101 @@ class InterceptSchedulerMixin:
         self.policy_driver.set_cost_model(CostModel.from_dict(data))
 
     def infercept_state(self, key: str) -> dict | None:
-        """A paused request's state by its key (None: not paused)."""
+        """An intercept's state by its key: paused (where its KV is, or
+        `resuming` while claimed), its last state if it ended, None if unknown."""
         request_id = self._keys.get(key)
-        return self.intercepts[request_id].describe(self.clock()) if request_id else None
+        if request_id is None:
+            ended = self._ended.get(key)
+            return None if ended is None else {**ended, "age_s": self.clock() - ended["paused_at_s"]}
+        paused = self.intercepts[request_id]
+        state = paused.describe(self.clock())
+        if key in self._claimed:
+            state["state"] = "resuming"
+        return {**state, "generated_tokens": paused.generated_tokens}
 
-    def infercept_admission(self, key: str) -> dict:
-        """How the request of `key` was admitted, and whether it is paused now.
+    def infercept_admission(self, key: str) -> dict | None:
+        """How the request of `key` was admitted (None: not by this engine), and
+        whether it is paused now.
 
         A paused one also reports its whole token sequence, which a resume
         sends back with the tool's result appended.
         """
-        admission = self._admissions.pop(key, {"resumed_from": None, "reused_tokens": 0})
+        admission = self._admissions.pop(key, None)
         request_id = self._keys.get(key)
+        if admission is None and request_id is None:
+            return None
+        admission = {**(admission or {"resumed_from": None, "reused_tokens": 0}),
+                     "engine": self.engine_rank}
         if request_id is not None:
             paused = self.intercepts[request_id]
             admission = {**admission, **paused.describe(self.clock()),
                          "token_ids": list(paused.request.all_token_ids)}
         return admission
 
-    def infercept_cancel(self, key: str) -> bool:
-        """Free a paused request by its key; False if none is paused under it."""
+    def infercept_claim(self, key: str) -> dict | None:
+        """Take a paused intercept for an explicit resume (or a cancel): its
+        session and tokens; None if unknown here, `{"state": ...}` alone if it
+        is not paused (resuming, or ended). Claims are atomic: the engine core
+        serves every API server process's calls one at a time."""
+        request_id = self._keys.get(key)
+        if request_id is None or key in self._claimed:
+            state = self.infercept_state(key)
+            return None if state is None else {"state": state["state"]}
+        self._claimed.add(key)
+        paused = self.intercepts[request_id]
+        return {"state": "paused", "session": paused.spec.session or {},
+                "token_ids": list(paused.request.all_token_ids),
+                "generated_tokens": paused.generated_tokens}
+
+    def infercept_release(self, key: str) -> None:
+        """A claimed resume that never reached the engine: resumable again."""
+        self._claimed.discard(key)
+
+    def infercept_bind_calls(self, key: str, call_ids: list[str]) -> None:
+        """The ids of the tool calls a paused chat turn made: a follow-up that
+        carries them (its tool results answer them) continues this turn."""
         request_id = self._keys.get(key)
         if request_id is None:
+            return
+        session = self.intercepts[request_id].spec.session
+        if session is not None:
+            session["call_ids"] = list(call_ids)
+        for call_id in call_ids:
+            self._by_call_id[call_id] = key
+
+    def infercept_locate(self, call_ids: list[str] | None = None,
+                         prompt_token_ids: list[int] | None = None) -> str | None:
+        """The key of the paused request a new request would resume here: named by
+        one of its tool calls' ids, or continued by its prompt tokens."""
+        for call_id in call_ids or ():
+            key = self._by_call_id.get(call_id)
+            if key is not None and key not in self._claimed:
+                return key
+        if prompt_token_ids:
+            paused = self._continued(prompt_token_ids)
+            return paused.key if paused else None
+        return None
+
+    def infercept_expire(self) -> None:
+        """Release what has timed out (also called while the engine is idle and
+        does not step)."""
+        if self.intercepts:
+            self._expire_paused(self.clock())
+
+    def infercept_cancel(self, key: str, ended_as: str | None = "cancelled") -> bool:
+        """Free a paused request by its key; False if none is paused under it.
+        `ended_as` None: forget it (a turn that ended without a tool call)."""
+        request_id = self._keys.get(key)
+        if request_id is None:
+            # Taken by a resume whose segment then failed: the intercept ends so.
+            if ended_as is not None and key in self._ended:
+                self._ended[key]["state"] = ended_as
             return False
         self.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
+        if ended_as is None:
+            self._ended.pop(key, None)
+        else:
+            self._ended[key]["state"] = ended_as
         return True
 
     def has_requests(self) -> bool:
@@ -526,7 +632,8 @@ class InterceptSchedulerMixin:
             self._specs.pop(request_id, None)
             self._recompute_marks.pop(request_id, None)
             self._records.pop(request_id, None)
-            paused = self._take_paused(request_id) if request_id in self.intercepts else None
+            paused = (self._take_paused(request_id, "cancelled")
+                      if request_id in self.intercepts else None)
             if paused is not None:
                 paused.request.status = finished_status
                 self._free_request(paused.request)
@@ -536,6 +643,8 @@ class InterceptSchedulerMixin:
 
 
 AUTO_RESUME_PREFIX_TOKENS = 8
+# Ended intercepts whose last state (resumed, cancelled, expired) is kept.
+MAX_ENDED_INTERCEPTS = 10_000
 
 
 def _prefix_key(token_ids) -> tuple[int, ...] | None:

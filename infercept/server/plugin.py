@@ -40,17 +40,18 @@ class InterceptEndpoints:
         app.include_router(routes.router)
 
     async def init_state(self, engine_client, state, args) -> None:
-        """During vLLM's `init_app_state`: the intercept registry and metrics."""
-        from vllm.v1.metrics.prometheus import get_prometheus_registry
-
-        from infercept.server.metrics import InterceptCollector
+        """During vLLM's `init_app_state`: the engine calls and metrics."""
+        from infercept.server.metrics import StatsPublisher
         from infercept.server.service import InterceptService
 
         service = InterceptService(engine_client, timeout_s=getattr(args, "intercept_timeout", 600.0))
         state.infercept = service
-        await self._install_cost_model(engine_client, service)
+        # Several API server processes share the same engines: the first one
+        # installs their cost model and publishes their counters.
+        if getattr(engine_client.engine_core, "client_index", 0) == 0:
+            service.publisher = StatsPublisher()
+            await self._install_cost_model(engine_client, service)
         service.start()
-        get_prometheus_registry().register(InterceptCollector(service))
 
     @staticmethod
     async def _install_cost_model(engine_client, service) -> None:
@@ -63,10 +64,10 @@ class InterceptEndpoints:
         config = InterceptConfig.from_vllm_config(vllm_config)
         if config.policy == "vllm":
             return
-        base = CostModel.from_dict((await service.call("stats"))["cost_model"])
+        base = CostModel.from_dict((await service.call("stats"))["cost_model"])  # every engine alike
         known = profiler.known_cost_model(config, vllm_config, base)
         if known is None:
             measured = await engine_client.collective_rpc(
                 profiler.MEASURE_METHOD, args=profiler.measurement_args(vllm_config))
             known = profiler.measured_cost_model(measured, vllm_config, base), "profiled"
-        await service.call("set_cost_model", known[0].to_dict())
+        await service.call_all("set_cost_model", known[0].to_dict())

@@ -32,7 +32,7 @@ from infercept.server.protocol import (
     error_response,
     validation_message,
 )
-from infercept.server.service import CANCELLED, RESUMED, Intercept, InterceptService, new_intercept_id
+from infercept.server.service import Claimed, InterceptService, new_intercept_id
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -64,20 +64,20 @@ async def create_chat_completion(request: InterceptChatCompletionRequest, raw_re
 async def resume_intercept(intercept_id: str, resume: ResumeRequest, raw_request: Request):
     service = _service(raw_request)
     try:
-        claimed = service.registry.claim(intercept_id)
+        claimed = await service.claim(intercept_id)
     except InterceptError as error:
         return error.response()
     try:
         body = _resume_body(service, claimed, resume)
     except InterceptError as error:
-        service.registry.release(claimed)
+        await service.release(claimed)
         return error.response()
     extension = resume.infercept or InterceptExtension.model_validate(
-        {k: v for k, v in claimed.extension.items() if k != "resume"}
+        {k: v for k, v in claimed.session.get("extension", {}).items() if k != "resume"}
     )
-    spec = _spec(extension, new_intercept_id(), resume=intercept_id, auto_resume=False)
+    spec = _spec(extension, new_intercept_id(), resume=claimed.key, auto_resume=False)
     return await _run(raw_request, "completion", body, spec, claimed, extension,
-                      budget=resume.max_tokens or claimed.max_tokens)
+                      budget=resume.max_tokens or claimed.session.get("max_tokens"))
 
 
 @router.get("/v1/intercepts/{intercept_id}", response_model=InterceptState,
@@ -85,7 +85,7 @@ async def resume_intercept(intercept_id: str, resume: ResumeRequest, raw_request
 async def get_intercept(intercept_id: str, raw_request: Request):
     service = _service(raw_request)
     try:
-        return JSONResponse(await service.state(service.registry.get(intercept_id)))
+        return JSONResponse(await service.state(intercept_id))
     except InterceptError as error:
         return error.response()
 
@@ -95,10 +95,10 @@ async def get_intercept(intercept_id: str, raw_request: Request):
 async def delete_intercept(intercept_id: str, raw_request: Request):
     service = _service(raw_request)
     try:
-        intercept = service.registry.claim(intercept_id)
+        claimed = await service.claim(intercept_id)
     except InterceptError as error:
         return error.response()
-    await service.cancel(intercept)
+    await service.cancel(claimed.key, claimed.rank)
     return JSONResponse({"id": intercept_id, "object": "intercept", "deleted": True})
 
 
@@ -117,13 +117,13 @@ async def _generate(raw_request: Request, kind: str):
     try:
         body = await _json_body(raw_request)
         extension = InterceptExtension.model_validate(body.pop("infercept", None) or {})
-        claimed = service.registry.claim(extension.resume) if extension.resume else None
+        claimed = await service.claim(extension.resume) if extension.resume else None
     except ValidationError as error:
         return error_response(HTTPStatus.BAD_REQUEST, "infercept: " + validation_message(error),
                               "infercept")
     except InterceptError as error:
         return error.response()
-    spec = _spec(extension, new_intercept_id(), resume=extension.resume, auto_resume=True)
+    spec = _spec(extension, new_intercept_id(), resume=claimed and claimed.key, auto_resume=True)
     stock = getattr(raw_request.app.state.args, "intercept_policy", None) == "vllm"
     if kind == "chat" and not stock and body.get("tools") and body.get("tool_choice") != "none":
         # A turn that may end in a tool call pauses at its end; one that ends
@@ -135,10 +135,20 @@ async def _generate(raw_request: Request, kind: str):
     return await _run(raw_request, kind, body, spec, claimed, extension, budget=None)
 
 
-async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed: Intercept | None,
+async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed: Claimed | None,
                extension: InterceptExtension, budget: int | None):
     service = _service(raw_request)
     started_s = time.monotonic()
+    if _may_pause(spec):
+        spec["session"] = _session(kind, body, extension, budget, claimed)
+    rank = claimed.rank if claimed else None
+    if rank is None and service.data_parallel:
+        try:
+            rank = await _follow_up_rank(service, kind, body)
+        except Exception:  # the lookup is an optimization: vLLM's balancing decides
+            logger.warning("InferCept: locating a follow-up failed", exc_info=True)
+    if rank is not None:
+        raw_request = _pinned(raw_request, service.engine_index(rank))
     body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), "infercept": json.dumps(spec)}
     if _may_pause(spec) and not body.get("stop"):
         # vLLM's detokenizer drops the last token of a stopped output (it takes
@@ -149,9 +159,9 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         request = original.request_model.model_validate(body)
     except ValidationError as error:
         if claimed is not None:
-            service.registry.release(claimed)
+            await service.release(claimed)
         return error_response(HTTPStatus.BAD_REQUEST, validation_message(error))
-    session = _Segment(service, kind, body, spec["key"], claimed, extension, budget, started_s)
+    session = _Segment(service, kind, spec["key"], claimed, started_s)
     try:
         response = await original.endpoint(request, raw_request)
     except BaseException:
@@ -167,7 +177,7 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         await session.abandon()
         return response
     data = json.loads(response.body)
-    info = await session.settle(_has_tool_calls(data), data.get("usage"))
+    info = await session.settle(_tool_call_ids(data, "message"))
     if info:
         data["infercept"] = info
     if "intercept_id" in info and kind == "chat":
@@ -178,10 +188,10 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
 class _Segment:
     """One request's passage through the engine, and what it left behind."""
 
-    def __init__(self, service: InterceptService, kind, body, key, claimed, extension, budget,
-                 started_s):
-        self.service, self.kind, self.body, self.key = service, kind, body, key
-        self.claimed, self.extension, self.budget, self.started_s = claimed, extension, budget, started_s
+    def __init__(self, service: InterceptService, kind: str, key: str, claimed: Claimed | None,
+                 started_s: float):
+        self.service, self.kind, self.key = service, kind, key
+        self.claimed, self.started_s = claimed, started_s
 
     async def abandon(self) -> None:
         """The segment ended without an answer (an error, or its client gone and vLLM's abort).
@@ -192,65 +202,55 @@ class _Segment:
         """
         service = self.service
         try:
-            admission = await service.call("admission", self.key)
+            rank, admission = await service.admission(self.key)
         except Exception:  # the engine is shutting down: nothing left to free
             logger.warning("InferCept: no admission for abandoned request %s", self.key, exc_info=True)
-            admission = {"resumed_from": None}
-        if self.claimed is not None and admission["resumed_from"] is None:
-            service.registry.release(self.claimed)
-        elif self.claimed is not None or admission["resumed_from"] is not None:
-            service.registry.finish(admission["resumed_from"] or self.claimed.intercept_id, CANCELLED)
-        if "state" in admission:
-            await service.call("cancel", self.key)
-
-    async def settle(self, has_tool_calls: bool, usage: dict | None) -> dict[str, Any]:
-        service, info = self.service, {}
-        admission = await service.call("admission", self.key)
+            return
         resumed_from = admission["resumed_from"]
-        if self.claimed is not None:
-            service.registry.finish(self.claimed.intercept_id, RESUMED)
-            resumed_from = resumed_from or self.claimed.intercept_id
+        if self.claimed is not None and resumed_from is None:
+            await service.release(self.claimed)
         elif resumed_from is not None:
-            service.registry.finish(resumed_from, RESUMED)
+            await service.cancel(resumed_from, rank)
+        if "state" in admission:
+            await service.cancel(self.key, rank)
+
+    async def settle(self, tool_call_ids: list[str]) -> dict[str, Any]:
+        service, info = self.service, {}
+        rank, admission = await service.admission(self.key)
+        resumed_from = admission["resumed_from"]
+        if self.claimed is not None and resumed_from is None:  # the engine had lost it
+            await service.release(self.claimed)
         if resumed_from is not None:
-            info.update(resumed_from=resumed_from, reused_tokens=admission["reused_tokens"])
+            info.update(resumed_from=service.public_id(resumed_from, rank),
+                        reused_tokens=admission["reused_tokens"])
             RESUME_LATENCY.observe(time.monotonic() - self.started_s)
         if "state" not in admission:
             return info
-        if self.kind == "chat" and not has_tool_calls:
-            await service.call("cancel", self.key)  # a final answer: nothing to resume
+        if self.kind == "chat" and not tool_call_ids:
+            await service.cancel(self.key, rank, None)  # a final answer: nothing to resume
             return info
-        previous = self.claimed.generated_tokens if self.claimed else 0
-        service.registry.add(Intercept(
-            intercept_id=self.key,
-            kind=self.kind,
-            model=self.body.get("model"),
-            token_ids=admission["token_ids"],
-            generated_tokens=previous + len(admission["token_ids"]) - admission["prompt_tokens"],
-            max_tokens=self.budget if self.budget is not None else self.body.get("max_tokens"),
-            defaults={k: v for k, v in self.body.items() if k not in _SEGMENT_FIELDS},
-            extension=self.extension.model_dump(exclude_none=True),
-        ))
-        info.update(intercept_id=self.key, state=admission["state"])
+        if self.kind == "chat" and service.data_parallel:
+            await service.call("bind_calls", self.key, tool_call_ids, rank=rank)
+        info.update(intercept_id=service.public_id(self.key, rank), state=admission["state"])
         return info
 
     async def stream(self, chunks):
         """vLLM's event stream, with the `"infercept"` object in its last data chunk."""
-        held, has_tool_calls, buffer, settled = None, False, "", False
+        held, call_ids, buffer, settled = None, [], "", False
         try:
             async for chunk in chunks:
                 buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
                 while "\n\n" in buffer:
                     event, buffer = buffer.split("\n\n", 1)
                     if event.strip() == "data: [DONE]":
-                        info = await self.settle(has_tool_calls, None)
+                        info = await self.settle(call_ids)
                         settled = True
                         if held is not None:
                             yield _with_info(held, info, self.kind) + "\n\n"
                             held = None
                         yield event + "\n\n"
                         continue
-                    has_tool_calls |= _event_has_tool_calls(event)
+                    call_ids += _event_tool_call_ids(event)
                     if held is not None:
                         yield held + "\n\n"
                     held = event
@@ -296,7 +296,23 @@ def _spec(extension: InterceptExtension, key: str, resume: str | None, auto_resu
     return spec
 
 
-def _resume_body(service: InterceptService, claimed: Intercept, resume: ResumeRequest) -> dict:
+def _session(kind: str, body: dict, extension: InterceptExtension, budget: int | None,
+             claimed: Claimed | None) -> dict:
+    """What a resume of this segment will need, kept by the engine with its KV.
+    A chat turn resumes with the conversation sent again: it needs no defaults."""
+    session = {
+        "kind": kind,
+        "model": body.get("model"),
+        "max_tokens": budget if budget is not None else body.get("max_tokens"),
+        "extension": extension.model_dump(exclude_none=True),
+        "generated_before": claimed.generated_tokens if claimed else 0,
+    }
+    if kind == "completion":
+        session["defaults"] = {k: v for k, v in body.items() if k not in _SEGMENT_FIELDS}
+    return session
+
+
+def _resume_body(service: InterceptService, claimed: Claimed, resume: ResumeRequest) -> dict:
     if claimed.kind != "completion":
         raise InterceptError(HTTPStatus.BAD_REQUEST,
                              "a chat intercept resumes with the conversation sent to "
@@ -311,7 +327,7 @@ def _resume_body(service: InterceptService, claimed: Intercept, resume: ResumeRe
         raise InterceptError(HTTPStatus.BAD_REQUEST,
                              f"the resumed context ({len(prompt)} tokens) would exceed the model's "
                              f"context length ({max_model_len}); the intercept is still resumable")
-    budget = resume.max_tokens or claimed.max_tokens
+    budget = resume.max_tokens or claimed.session.get("max_tokens")
     remaining = max_model_len - len(prompt)
     if budget is not None:
         if budget <= claimed.generated_tokens:
@@ -320,7 +336,8 @@ def _resume_body(service: InterceptService, claimed: Intercept, resume: ResumeRe
                                  f"{claimed.generated_tokens} tokens", "max_tokens")
         remaining = min(remaining, budget - claimed.generated_tokens)
     overrides = dict(resume.model_extra or {})
-    return {**claimed.defaults, **overrides, "model": claimed.model, "prompt": prompt,
+    return {**claimed.session.get("defaults", {}), **overrides, "model": claimed.session.get("model"),
+            "prompt": prompt,
             "stream": resume.stream, "max_tokens": remaining}
 
 
@@ -341,18 +358,49 @@ def _tool_call_end(raw_request: Request) -> str | None:
         return None
 
 
-def _has_tool_calls(data: dict) -> bool:
-    return any((choice.get("message") or {}).get("tool_calls") for choice in data.get("choices", ()))
+def _tool_call_ids(data: dict, field: str) -> list[str]:
+    """The ids of the tool calls in a response's choices (`field`: "message",
+    or "delta" in a stream's chunk); a call without an id counts, as ""."""
+    return [call.get("id") or ""
+            for choice in data.get("choices", ())
+            for call in (choice.get(field) or {}).get("tool_calls") or ()]
 
 
-def _event_has_tool_calls(event: str) -> bool:
+def _event_tool_call_ids(event: str) -> list[str]:
     if not event.startswith("data: "):
-        return False
+        return []
     try:
         data = json.loads(event[len("data: "):])
     except ValueError:
-        return False
-    return any((choice.get("delta") or {}).get("tool_calls") for choice in data.get("choices", ()))
+        return []
+    return _tool_call_ids(data, "delta") if isinstance(data, dict) else []
+
+
+async def _follow_up_rank(service: InterceptService, kind: str, body: dict) -> int | None:
+    """Under data parallelism: the engine holding the paused turn this request
+    continues. A chat follow-up answers its tool calls, by id; a completion's
+    prompt begins with the paused request's tokens."""
+    if kind == "chat":
+        call_ids = [call["id"] for message in body.get("messages") or ()
+                    if isinstance(message, dict) and message.get("role") == "assistant"
+                    for call in message.get("tool_calls") or ()
+                    if isinstance(call, dict) and isinstance(call.get("id"), str)]
+        return await service.locate(call_ids[-64:], None) if call_ids else None
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        tokenizer = service.engine.get_tokenizer()
+        prompt = tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens", True))
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return await service.locate(None, prompt)
+    return None
+
+
+def _pinned(raw_request: Request, engine_index: int) -> Request:
+    """The request, with vLLM's `X-data-parallel-rank` header sending it to one engine."""
+    headers = [(name, value) for name, value in raw_request.scope["headers"]
+               if name.lower() != b"x-data-parallel-rank"]
+    headers.append((b"x-data-parallel-rank", str(engine_index).encode()))
+    return Request({**raw_request.scope, "headers": headers}, raw_request.receive)
 
 
 def _finish_as_tool_calls(data: dict) -> None:

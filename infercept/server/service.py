@@ -1,11 +1,22 @@
-"""The API server's side of interception: a registry of intercepts, and the engine calls.
+"""The API server's side of interception: routing intercepts to their engine.
 
-An intercept id is minted for every segment before it runs (128+ random
-bits); if the segment pauses, that id names it. The engine core keeps the KV
-cache (preserved, swapped or discarded as its policy decides); this registry
-keeps what a resume needs (the whole token sequence, the token budget, the
-request's defaults) and the intercept's life: paused -> resuming -> resumed,
-or cancelled / expired.
+An intercept id is minted for every segment before it runs (192 random
+bits); if the segment pauses, that id names it. The intercept lives in the
+engine core that ran it, with its KV cache: the scheduler keeps its session
+record (what a resume needs: kind, model, defaults, token budget; sent with
+the segment), its life (paused -> resuming while claimed -> resumed, or
+cancelled / expired) and its timeout. An API server process keeps nothing,
+so any of vLLM's API server processes (`--api-server-count`) serves any
+intercept.
+
+Under data parallelism each engine core holds its own intercepts. The public
+intercept id then carries the engine's rank (`<key>.<rank>`), so a resume, a
+state query or a cancel goes to that engine alone, and a router can read it
+from the URL. An automatic resume (a follow-up that names no intercept) is
+routed to the engine that holds its conversation: a chat follow-up by the ids
+of the tool calls it answers, a completion by its prompt's tokens; every
+engine is asked (`locate`), as no API server process can know another's
+pauses. First turns are balanced by vLLM's own load balancing.
 """
 
 from __future__ import annotations
@@ -13,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -23,8 +32,7 @@ from infercept.server.protocol import InterceptError
 
 logger = logging.getLogger(__name__)
 
-PAUSED, RESUMING, RESUMED, CANCELLED, EXPIRED = "paused", "resuming", "resumed", "cancelled", "expired"
-MAX_FINISHED_ENTRIES = 10_000
+STATS_PERIOD_S = 1.0
 
 
 def new_intercept_id() -> str:
@@ -32,84 +40,131 @@ def new_intercept_id() -> str:
 
 
 @dataclass
-class Intercept:
-    intercept_id: str
-    kind: str  # "completion" or "chat"
-    model: str
+class Claimed:
+    """A paused intercept taken for a resume or a cancel."""
+
+    intercept_id: str  # public: names the engine under data parallelism
+    key: str  # the engine's
+    rank: int
+    session: dict[str, Any]
     token_ids: list[int]
-    generated_tokens: int  # the model's own tokens, all segments so far
-    max_tokens: int | None  # total budget of the model's own tokens
-    defaults: dict[str, Any]  # the request's sampling fields, for a resume
-    extension: dict[str, Any]  # the request's "infercept" object
-    created_s: float = field(default_factory=time.monotonic)
-    state: str = PAUSED
+    generated_tokens: int
 
     @property
-    def tool(self) -> str | None:
-        return self.extension.get("tool")
-
-
-class InterceptRegistry:
-    def __init__(self):
-        self._live: dict[str, Intercept] = {}
-        self._finished: OrderedDict[str, Intercept] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def add(self, intercept: Intercept) -> None:
-        self._live[intercept.intercept_id] = intercept
-
-    def get(self, intercept_id: str) -> Intercept:
-        intercept = self._live.get(intercept_id) or self._finished.get(intercept_id)
-        if intercept is None:
-            raise InterceptError(HTTPStatus.NOT_FOUND, f"no intercept {intercept_id!r}", "intercept_id")
-        return intercept
-
-    def claim(self, intercept_id: str) -> Intercept:
-        """Take a paused intercept for a resume; 404 unknown, 409 not paused."""
-        intercept = self.get(intercept_id)
-        if intercept.state != PAUSED:
-            raise InterceptError(HTTPStatus.CONFLICT,
-                                 f"intercept {intercept_id!r} is {intercept.state}", "intercept_id")
-        intercept.state = RESUMING
-        return intercept
-
-    def release(self, intercept: Intercept) -> None:
-        """A resume failed before reaching the engine: the intercept stays resumable."""
-        if intercept.state == RESUMING:
-            intercept.state = PAUSED
-
-    def finish(self, intercept_id: str, state: str) -> Intercept | None:
-        intercept = self._live.pop(intercept_id, None)
-        if intercept is not None:
-            intercept.state = state
-            self._finished[intercept_id] = intercept
-            while len(self._finished) > MAX_FINISHED_ENTRIES:
-                self._finished.popitem(last=False)
-        return intercept
-
-    def expired(self, timeout_s: float, now_s: float) -> list[Intercept]:
-        return [i for i in self._live.values()
-                if i.state == PAUSED and now_s - i.created_s > timeout_s]
-
-    def live(self) -> list[Intercept]:
-        return list(self._live.values())
+    def kind(self) -> str:
+        return self.session.get("kind", "completion")
 
 
 class InterceptService:
-    """Registry plus the engine-core calls (through vLLM's utility channel)."""
+    """The engine-core calls, each sent to the engine that owns the intercept."""
 
     def __init__(self, engine_client, timeout_s: float):
         self.engine = engine_client
         self.timeout_s = timeout_s
-        self.registry = InterceptRegistry()
-        self.stats: dict[str, Any] = {}
+        core = engine_client.engine_core
+        # The data-parallel ranks this API server's engine client reaches, in
+        # the order vLLM's `X-data-parallel-rank` indexes them.
+        self.ranks: list[int] = list(getattr(core, "engine_ranks_managed", None) or [0])
+        self.data_parallel = engine_client.vllm_config.parallel_config.data_parallel_size > 1
+        self.stats: dict[str, Any] = {}  # all engines together
+        self.stats_by_rank: dict[int, dict[str, Any]] = {}
+        self.publisher = None  # a metrics.StatsPublisher in the API server that publishes
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Future] = set()
 
-    async def call(self, method: str, *args):
-        return await self.engine.engine_core.call_utility_async("infercept", method, *args)
+    # ---- ids and engines ---------------------------------------------------
+
+    def public_id(self, key: str, rank: int) -> str:
+        return f"{key}.{rank}" if self.data_parallel else key
+
+    def parse_id(self, intercept_id: str) -> tuple[str, int]:
+        """(the engine's key, the engine's rank) of a public intercept id."""
+        if not self.data_parallel:
+            return intercept_id, self.ranks[0]
+        key, dot, rank = intercept_id.rpartition(".")
+        if not dot or not rank.isdigit():
+            raise InterceptError(HTTPStatus.NOT_FOUND, f"no intercept {intercept_id!r}", "intercept_id")
+        if int(rank) not in self.ranks:
+            raise InterceptError(HTTPStatus.NOT_FOUND,
+                                 f"no intercept {intercept_id!r} here: it names engine {int(rank)}, "
+                                 f"this server reaches engines {self.ranks}", "intercept_id")
+        return key, int(rank)
+
+    def engine_index(self, rank: int) -> int:
+        """The value of vLLM's `X-data-parallel-rank` header that reaches `rank`."""
+        return self.ranks.index(rank)
+
+    async def call(self, method: str, *args, rank: int | None = None):
+        """`EngineCore.infercept(method, args)` on one engine (the first by default)."""
+        rank = self.ranks[0] if rank is None else rank
+        return await self.engine.engine_core._call_utility_async(
+            "infercept", method, list(args), engine=rank.to_bytes(2, "little"))
+
+    async def call_all(self, method: str, *args) -> dict[int, Any]:
+        """The call on every engine this server reaches, by rank."""
+        if len(self.ranks) == 1:
+            return {self.ranks[0]: await self.call(method, *args)}
+        results = await self.engine.engine_core.call_utility_all_async("infercept", method, list(args))
+        return dict(zip(self.ranks, results))
+
+    async def admission(self, key: str) -> tuple[int, dict[str, Any]]:
+        """(the rank of the engine that ran the segment of `key`, how it was admitted)."""
+        for rank, admission in (await self.call_all("admission", key)).items():
+            if admission is not None:
+                return rank, admission
+        return self.ranks[0], {"resumed_from": None, "reused_tokens": 0}
+
+    # ---- intercepts ----------------------------------------------------------
+
+    async def claim(self, intercept_id: str) -> Claimed:
+        """Take a paused intercept for a resume; 404 unknown, 409 not paused."""
+        key, rank = self.parse_id(intercept_id)
+        claimed = await self.call("claim", key, rank=rank)
+        if claimed is None:
+            raise InterceptError(HTTPStatus.NOT_FOUND, f"no intercept {intercept_id!r}", "intercept_id")
+        if claimed["state"] != "paused":
+            raise InterceptError(HTTPStatus.CONFLICT,
+                                 f"intercept {intercept_id!r} is {claimed['state']}", "intercept_id")
+        return Claimed(intercept_id, key, rank, claimed["session"], claimed["token_ids"],
+                       claimed["generated_tokens"])
+
+    async def release(self, claimed: Claimed) -> None:
+        """A resume failed before reaching the engine: the intercept stays resumable."""
+        await self._quietly("release", claimed.key, rank=claimed.rank)
+
+    async def cancel(self, key: str, rank: int, ended_as: str | None = "cancelled") -> None:
+        await self._quietly("cancel", key, ended_as, rank=rank)
+
+    async def _quietly(self, method: str, *args, rank: int) -> None:
+        try:
+            await self.call(method, *args, rank=rank)
+        except Exception:  # the engine is shutting down: nothing left to free
+            logger.exception("InferCept: %s %s", method, args)
+
+    async def state(self, intercept_id: str) -> dict[str, Any]:
+        key, rank = self.parse_id(intercept_id)
+        state = await self.call("state", key, rank=rank)
+        if state is None:
+            raise InterceptError(HTTPStatus.NOT_FOUND, f"no intercept {intercept_id!r}", "intercept_id")
+        return {
+            "id": intercept_id,
+            "object": "intercept",
+            "state": state["state"],
+            "context_tokens": state["context_tokens"],
+            "generated_tokens": state["generated_tokens"],
+            "tool": state["tool"],
+            "age_s": round(state["age_s"], 6),
+            "history": state["history"],
+        }
+
+    async def locate(self, call_ids: list[str] | None, prompt_token_ids: list[int] | None) -> int | None:
+        """The rank of the engine holding the paused request a follow-up continues."""
+        if not self.data_parallel or not (call_ids or prompt_token_ids):
+            return None
+        found = await self.call_all("locate", call_ids, prompt_token_ids)
+        return next((rank for rank, key in found.items() if key is not None), None)
+
+    # ---- background ----------------------------------------------------------
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,42 +175,53 @@ class InterceptService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def cancel(self, intercept: Intercept, state: str = CANCELLED) -> None:
-        self.registry.finish(intercept.intercept_id, state)
-        try:
-            await self.call("cancel", intercept.intercept_id)
-        except Exception:  # the engine is shutting down: nothing left to free
-            logger.exception("cancelling intercept %s", intercept.intercept_id)
-
-    async def state(self, intercept: Intercept) -> dict[str, Any]:
-        core = await self.call("state", intercept.intercept_id) if intercept.state == PAUSED else None
-        return {
-            "id": intercept.intercept_id,
-            "object": "intercept",
-            "state": core["state"] if core else intercept.state,
-            "context_tokens": len(intercept.token_ids),
-            "generated_tokens": intercept.generated_tokens,
-            "tool": intercept.tool,
-            "age_s": round(time.monotonic() - intercept.created_s, 6),
-            "history": core["history"] if core else [],
-        }
-
     async def _expire_loop(self) -> None:
+        """The engines expire their pauses as they step; an idle engine does not
+        step, so it is asked too."""
         period_s = max(0.05, min(1.0, self.timeout_s / 4))
         while True:
             await asyncio.sleep(period_s)
-            for intercept in self.registry.expired(self.timeout_s, time.monotonic()):
-                logger.info("intercept %s expired after %.1f s", intercept.intercept_id, self.timeout_s)
-                await self.cancel(intercept, EXPIRED)
+            try:
+                await self.call_all("expire")
+            except Exception:
+                logger.debug("InferCept expiry unavailable", exc_info=True)
 
     async def _stats_loop(self) -> None:
         while True:
             try:
-                self.stats = await self.call("stats")
+                await self.refresh_stats()
             except Exception:
                 logger.debug("InferCept stats unavailable", exc_info=True)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(STATS_PERIOD_S)
 
     async def refresh_stats(self) -> dict[str, Any]:
-        self.stats = await self.call("stats")
+        self.stats_by_rank = await self.call_all("stats")
+        self.stats = merge_stats(self.stats_by_rank.values())
+        if self.publisher is not None:
+            self.publisher.publish(self.stats_by_rank)
         return self.stats
+
+
+# The engine counters that add up over engines; the rest (the policy, the
+# cost model) is every engine's own and reported as the first engine has it.
+_ADDED = ("interceptions", "resumes", "idle_device_tokens", "tokens_reused", "forwarded_tokens",
+          "recomputed_tokens", "preemptions", "expired", "bytes_swapped_out", "bytes_swapped_in",
+          "free_cpu_blocks")
+_ADDED_BY_NAME = ("decisions", "intercepted_by_state")
+
+
+def merge_stats(snapshots) -> dict[str, Any]:
+    """Several engines' stats snapshots as one, for the whole server."""
+    snapshots = list(snapshots)
+    if not snapshots:
+        return {}
+    total = dict(snapshots[0])
+    for name in _ADDED:
+        total[name] = sum(s.get(name, 0) for s in snapshots)
+    for name in _ADDED_BY_NAME:
+        merged: dict[str, int] = {}
+        for snapshot in snapshots:
+            for label, count in snapshot.get(name, {}).items():
+                merged[label] = merged.get(label, 0) + count
+        total[name] = merged
+    return total

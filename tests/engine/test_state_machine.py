@@ -184,7 +184,7 @@ class EngineSessions(RuleBasedStateMachine):
     def _cancel(self, session):
         """A front-end cancels the pause; a later resume of the session recomputes it."""
         held = self._paused(session) is not None
-        assert self.core.infercept("cancel", session.engine_request_id) is held
+        assert self.core.infercept("cancel", [session.engine_request_id]) is held
         assert self._paused(session) is None
 
     def _time_out(self, session):

@@ -468,21 +468,37 @@ def test_engine_core_utility_calls_reach_a_method_by_name():
     assert "getattr(self, method_name)" in inspect.getsource(EngineCoreProc._handle_client_request), (
         "vLLM no longer looks utility methods up by name: revisit patches/engine_core_utility.py")
     # vLLM maps the call's arguments onto the method's parameters (at most as many as
-    # it declares): `infercept(method, *args)` takes the method name and one argument.
-    scheduler = types.SimpleNamespace(infercept_state=lambda key: {"key": key})
+    # it declares): `infercept(method, args)` takes the method name and one list.
+    scheduler = types.SimpleNamespace(infercept_cancel=lambda key, ended_as: (key, ended_as))
     bound = types.MethodType(patch._infercept, types.SimpleNamespace(scheduler=scheduler))
-    args = EngineCoreProc._convert_msgspec_args(bound, ("state", "k1"))
-    assert bound(*args) == {"key": "k1"}
+    args = EngineCoreProc._convert_msgspec_args(bound, ("cancel", ["k1", None]))
+    assert bound(*args) == ("k1", None)
+    with pytest.raises(AssertionError):  # why the arguments travel as one list
+        EngineCoreProc._convert_msgspec_args(bound, ("cancel", "k1", None))
 
 
 def test_engine_core_clients_we_call():
     """The server's and infercept.LLM's calls into vLLM's engine-core clients."""
-    from vllm.v1.engine.core_client import AsyncMPClient, EngineCoreClient, InprocClient, SyncMPClient
+    from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+    from vllm.v1.engine.core_client import (
+        AsyncMPClient, DPLBAsyncMPClient, EngineCoreClient, InprocClient, MPClient, SyncMPClient)
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.engine.output_processor import OutputProcessor
 
-    # infercept/server/service.py InterceptService.call
-    assert params(AsyncMPClient.call_utility_async) == ["self", "method", "args"]
+    # infercept/server/service.py InterceptService.call / call_all: one engine by its
+    # identity (its data-parallel rank, 2 bytes little-endian), or all in rank order.
+    assert params(AsyncMPClient._call_utility_async) == ["self", "method", "args", "engine"]
+    assert params(AsyncMPClient.call_utility_all_async) == ["self", "method", "args"]
+    assert "rank.to_bytes(2, \"little\")" in inspect.getsource(MPClient.__init__)
+    assert {"core_engines", "engine_ranks_managed"} <= assigned_self_attributes(MPClient.__init__)
+    # infercept/server/plugin.py: the first API server process (client 0) publishes metrics.
+    assert "client_index" in assigned_self_attributes(AsyncMPClient.__init__)
+    # infercept/server/routes.py _pinned: vLLM's header that pins a request to an engine,
+    # an index into the client's engines (infercept/server/service.py engine_index).
+    assert 'headers.get("X-data-parallel-rank")' in inspect.getsource(
+        GenerateBaseServing._get_data_parallel_rank)
+    assert "self.core_engines[eng_index]" in inspect.getsource(
+        DPLBAsyncMPClient.get_core_engine_for_request)
     # infercept/adapter/profiler.py engine_call
     assert params(SyncMPClient.call_utility) == ["self", "method", "args"]
     assert "engine_core" in assigned_self_attributes(InprocClient.__init__)

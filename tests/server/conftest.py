@@ -178,16 +178,19 @@ class ServerPool:
         *,
         multiprocessing: bool = False,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        env: dict[str, str] | None = None,
     ) -> ServerProcess:
-        """The live server for these arguments, started (and the previous one stopped) if need be."""
+        """The live server for these arguments, started (and the previous one stopped) if need be.
+
+        `env`: variables set in the server's environment, over `server_env`'s."""
         args = ([] if model is None else [str(model)]) + [str(arg) for arg in extra_args]
-        key = (tuple(args), multiprocessing)
+        key = (tuple(args), multiprocessing, tuple(sorted((env or {}).items())))
         if self.key == key and self.server.is_running():
             return self.server
         self.close()
         self.num_started += 1
         log_path = self.log_dir / f"server-{self.num_started}.log"
-        server = ServerProcess(args, log_path, env=server_env(multiprocessing))
+        server = ServerProcess(args, log_path, env={**server_env(multiprocessing), **(env or {})})
         server.start(startup_timeout_s)
         self.server, self.key = server, key
         return server

@@ -29,10 +29,14 @@ LOAD_TIMEOUT_S = 600.0
 
 
 def decisions(base_url: str) -> dict[str, float]:
+    """Decisions by strategy, all engines together."""
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    prefix = "infercept:decisions_total{strategy=\""
-    return {line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line.startswith(prefix)}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("infercept:decisions_total{"):
+            strategy = line.split('strategy="', 1)[1].split('"', 1)[0]
+            found[strategy] = found.get(strategy, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def test_concurrent_agents_complete_exactly_and_free_everything(start_server, tiny_model):
