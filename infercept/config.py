@@ -159,6 +159,25 @@ class InterceptConfig:
             "bug that only a GPU would show gives wrong tokens here.",
         )
 
+        group.add_argument(
+            "--intercept-affinity",
+            choices=("engine", "none"),
+            default="engine",
+            help="Under data parallelism, where a follow-up that names no intercept goes: "
+            "engine sends it to the engine core that holds its paused turn; none leaves it "
+            "to vLLM's load balancing (to measure what the affinity saves).",
+        )
+
+        group.add_argument(
+            "--intercept-instance",
+            type=_instance_name,
+            default=None,
+            metavar="NAME",
+            help="This server's name among several behind a router: intercept ids begin "
+            "with icpt-NAME. and responses that leave a paused request carry the "
+            "X-InferCept-Instance header, so a router can send a resume back here.",
+        )
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "InterceptConfig":
         return cls(
@@ -169,6 +188,12 @@ class InterceptConfig:
             profile_at_startup=args.profile_at_startup,
             emulate_async_copies=getattr(args, "emulate_async_copies", 0),
         )
+
+
+def _instance_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9]{1,32}", text):
+        raise argparse.ArgumentTypeError(f"an instance name is 1-32 letters and digits, not {text!r}")
+    return text
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmg])(i)?)?b?\s*$", re.IGNORECASE)

@@ -5,6 +5,19 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+
+# nginx, for the router test (tests/server/test_router.py): Debian's nginx-light where missing.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "InferCept setup: installing nginx-light (Debian)" >&2
+    apt=(timeout 600 apt-get install -y -q --no-install-recommends nginx-light)
+    "${apt[@]}" >/dev/null 2>&1 || { timeout 600 apt-get update -q >/dev/null 2>&1 && "${apt[@]}" >/dev/null 2>&1; } \
+      || echo "InferCept setup: could not install nginx: tests/server/test_router.py will fail" >&2
+  else
+    echo "InferCept setup: nginx is missing: install it for tests/server/test_router.py" >&2
+  fi
+fi
+
 venv="$root/.venv"
 stamp="$venv/.infercept-setup"
 want=$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)

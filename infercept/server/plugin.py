@@ -44,7 +44,9 @@ class InterceptEndpoints:
         from infercept.server.metrics import StatsPublisher
         from infercept.server.service import InterceptService
 
-        service = InterceptService(engine_client, timeout_s=getattr(args, "intercept_timeout", 600.0))
+        service = InterceptService(engine_client, timeout_s=getattr(args, "intercept_timeout", 600.0),
+                                   affinity=getattr(args, "intercept_affinity", "engine") == "engine",
+                                   instance=getattr(args, "intercept_instance", None))
         state.infercept = service
         # Several API server processes share the same engines: the first one
         # installs their cost model and publishes their counters.

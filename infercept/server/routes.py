@@ -32,7 +32,7 @@ from infercept.server.protocol import (
     error_response,
     validation_message,
 )
-from infercept.server.service import Claimed, InterceptService, new_intercept_id
+from infercept.server.service import Claimed, InterceptService
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -40,6 +40,8 @@ router = APIRouter()
 _CLIENT_CLOSED_REQUEST = 499
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+# Response headers of a (non-streamed) response that leaves a paused request.
+INTERCEPT_HEADER, INSTANCE_HEADER = "X-InferCept-Intercept-Id", "X-InferCept-Instance"
 # Request fields that describe one segment, not the session: not kept as a resume's defaults.
 _SEGMENT_FIELDS = {"prompt", "messages", "stream", "stream_options", "max_tokens",
                    "max_completion_tokens", "vllm_xargs", "infercept", "model", "n"}
@@ -75,7 +77,7 @@ async def resume_intercept(intercept_id: str, resume: ResumeRequest, raw_request
     extension = resume.infercept or InterceptExtension.model_validate(
         {k: v for k, v in claimed.session.get("extension", {}).items() if k != "resume"}
     )
-    spec = _spec(extension, new_intercept_id(), resume=claimed.key, auto_resume=False)
+    spec = _spec(extension, service.new_key(), resume=claimed.key, auto_resume=False)
     return await _run(raw_request, "completion", body, spec, claimed, extension,
                       budget=resume.max_tokens or claimed.session.get("max_tokens"))
 
@@ -123,7 +125,7 @@ async def _generate(raw_request: Request, kind: str):
                               "infercept")
     except InterceptError as error:
         return error.response()
-    spec = _spec(extension, new_intercept_id(), resume=claimed and claimed.key, auto_resume=True)
+    spec = _spec(extension, service.new_key(), resume=claimed and claimed.key, auto_resume=True)
     stock = getattr(raw_request.app.state.args, "intercept_policy", None) == "vllm"
     if kind == "chat" and not stock and body.get("tools") and body.get("tool_choice") != "none":
         # A turn that may end in a tool call pauses at its end; one that ends
@@ -142,7 +144,7 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
     if _may_pause(spec):
         spec["session"] = _session(kind, body, extension, budget, claimed)
     rank = claimed.rank if claimed else None
-    if rank is None and service.data_parallel:
+    if rank is None and service.data_parallel and service.affinity:
         try:
             rank = await _follow_up_rank(service, kind, body)
         except Exception:  # the lookup is an optimization: vLLM's balancing decides
@@ -182,7 +184,12 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         data["infercept"] = info
     if "intercept_id" in info and kind == "chat":
         _finish_as_tool_calls(data)
-    return JSONResponse(data, status_code=response.status_code, headers=_headers(response))
+    headers = _headers(response)
+    if "intercept_id" in info:  # where the paused request lives, for a router to stick to
+        headers[INTERCEPT_HEADER] = info["intercept_id"]
+        if service.instance:
+            headers[INSTANCE_HEADER] = service.instance
+    return JSONResponse(data, status_code=response.status_code, headers=headers)
 
 
 class _Segment:

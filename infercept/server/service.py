@@ -35,8 +35,11 @@ logger = logging.getLogger(__name__)
 STATS_PERIOD_S = 1.0
 
 
-def new_intercept_id() -> str:
-    return "icpt-" + secrets.token_urlsafe(24)  # 192 random bits
+def new_intercept_id(instance: str | None = None) -> str:
+    """A fresh key: 192 random bits, after the instance's name if it has one
+    (`icpt-<instance>.<random>`: `.` is in no random part, so a router can read
+    the instance off a URL with a regular expression)."""
+    return "icpt-" + (f"{instance}." if instance else "") + secrets.token_urlsafe(24)
 
 
 @dataclass
@@ -58,9 +61,12 @@ class Claimed:
 class InterceptService:
     """The engine-core calls, each sent to the engine that owns the intercept."""
 
-    def __init__(self, engine_client, timeout_s: float):
+    def __init__(self, engine_client, timeout_s: float, affinity: bool = True,
+                 instance: str | None = None):
         self.engine = engine_client
         self.timeout_s = timeout_s
+        self.affinity = affinity  # automatic resumes located on their engine
+        self.instance = instance  # this server's name among several behind a router
         core = engine_client.engine_core
         # The data-parallel ranks this API server's engine client reaches, in
         # the order vLLM's `X-data-parallel-rank` indexes them.
@@ -73,6 +79,9 @@ class InterceptService:
         self._background: set[asyncio.Future] = set()
 
     # ---- ids and engines ---------------------------------------------------
+
+    def new_key(self) -> str:
+        return new_intercept_id(self.instance)
 
     def public_id(self, key: str, rank: int) -> str:
         return f"{key}.{rank}" if self.data_parallel else key

@@ -89,13 +89,14 @@ def make_scripts(num_scripts: int, tool_calls: int, tokens_per_segment: int) -> 
 
 
 async def run_agent(client, model: str, script: Script, durations_s: list[float],
-                    trace: bool = False, stock: bool = False) -> Transcript:
+                    trace: bool = False, resend: bool = False) -> Transcript:
     """One conversation; every segment but the last pauses for a tool call.
 
-    `stock`: the server runs `--intercept-policy vllm`, where the call ends the
-    request; the agent sends the whole context back as token ids (its prompt and
-    outputs, the tool's result tokenized by the server), as a client of stock vLLM
-    does: the same tokens InferCept's resume appends.
+    `resend`: the agent sends the whole context back as token ids (its prompt
+    and outputs, the tool's result tokenized by the server), as a client of
+    stock vLLM does (`--intercept-policy vllm`, where the call ends the
+    request): the same tokens InferCept's resume appends. Against InferCept
+    that is an automatic resume, wherever the server sends it.
     """
     from openai.types import Completion
 
@@ -111,7 +112,7 @@ async def run_agent(client, model: str, script: Script, durations_s: list[float]
 
     for turn in range(len(script.results) + 1):
         started_s = time.monotonic()
-        if turn == 0 or stock:
+        if turn == 0 or resend:
             if turn > 0:
                 await asyncio.sleep(durations_s[turn - 1])  # the tool runs
                 root = str(client.base_url).rstrip("/").removesuffix("/v1")
@@ -123,8 +124,8 @@ async def run_agent(client, model: str, script: Script, durations_s: list[float]
                 model=model, prompt=context_ids if turn else script.prompt,
                 max_tokens=budget - sum(transcript.completion_tokens), temperature=0,
                 extra_body={"ignore_eos": True, "infercept": extension(turn),
-                            "return_token_ids": stock})
-            if stock:
+                            "return_token_ids": resend})
+            if resend:
                 choice = reply.choices[0].model_extra
                 context_ids = list(choice["prompt_token_ids"]) + list(choice["token_ids"])
         else:
@@ -143,7 +144,7 @@ async def run_agent(client, model: str, script: Script, durations_s: list[float]
         info = reply.model_extra.get("infercept") or {}
         if trace and turn > 0:
             transcript.events[-1]["reused_tokens"] = info.get("reused_tokens")
-        if stock:
+        if resend:
             continue
         if turn > 0 and info.get("resumed_from") != previous_id:
             raise AssertionError(f"turn {turn} resumed {info.get('resumed_from')}, not {previous_id}")
@@ -186,7 +187,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: int,
                    tokens_per_segment: int, num_scripts: int, seed: int = 0,
                    timeout_s: float = 1800.0, trace: bool = False,
-                   stock: bool = False) -> LoadReport:
+                   resend: bool = False) -> LoadReport:
     """The scripts alone first (the reference), then all agents at once."""
     import httpx
     import openai
@@ -200,12 +201,12 @@ async def run_load(base_url: str, model: str, *, num_agents: int, tool_calls: in
     http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=REQUEST_TIMEOUT_S)
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="EMPTY", max_retries=0,
                                   http_client=http_client) as client:
-        reference = [(await run_agent(client, model, s, [0.0] * tool_calls, stock=stock)).output() for s in scripts]
+        reference = [(await run_agent(client, model, s, [0.0] * tool_calls, resend=resend)).output() for s in scripts]
         plans = [(j % num_scripts, [rng.uniform(0.05, 0.95) for _ in range(tool_calls)])
                  for j in range(num_agents)]
         started_s = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(
-            *(run_agent(client, model, scripts[k], durations, trace, stock)
+            *(run_agent(client, model, scripts[k], durations, trace, resend)
               for k, durations in plans),
             return_exceptions=True), timeout_s)
         total_s = time.monotonic() - started_s
@@ -235,7 +236,8 @@ def counters(base_url: str) -> dict[str, float]:
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith(("infercept:decisions_total", "infercept:preemptions_total",
-                                   "infercept:recomputed_tokens_total"))}
+                                   "infercept:recomputed_tokens_total", "infercept:tokens_reused_total",
+                                   "infercept:forwarded_tokens_total", "vllm:prefix_cache_hits_total"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,12 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-args", default="",
                         help="more `infercept serve` arguments after the suite's (later ones win), "
                         "e.g. '--intercept-policy vllm' or '--emulate-async-copies 2'")
+    parser.add_argument("--resend", action="store_true",
+                        help="agents send their whole context back (an automatic resume) instead of "
+                        "resuming their intercept by id (implied by '--intercept-policy vllm')")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set in the server's environment, e.g. OMP_NUM_THREADS=1 and "
+                        "VLLM_CPU_OMP_THREADS_BIND='0|1' for --data-parallel-size 2 on two cores")
     parser.add_argument("--base-url", help="a running server (default: start one on the tiny model)")
     parser.add_argument("--model", help="the served model's name (with --base-url)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (tiny_model, server)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (benchmarks)
-    from server.conftest import ServerProcess
+    from server.conftest import ServerProcess, server_env
     from server.helpers import memory_samples, wait_until_nothing_held
     from tiny_model import build_tiny_model
 
@@ -267,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         base_url, model = args.base_url, args.model
         if base_url is None:
             model = str(build_tiny_model(Path(tmp) / "tiny-model"))
+            env = {**server_env(), **dict(item.split("=", 1) for item in args.server_env)}
             server = ServerProcess([model, *LOAD_SERVER_ARGS, *args.server_args.split()],
-                                   Path(tmp) / "server.log").start()
+                                   Path(tmp) / "server.log", env=env).start()
             base_url = server.base_url
             print(f"server: infercept serve {' '.join(server.command[2:])}", flush=True)
         reports = []
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                                               tokens_per_segment=args.tokens_per_segment,
                                               num_scripts=args.scripts, seed=args.seed + run,
                                               trace=args.trace,
-                                              stock="vllm" in args.server_args.split()))
+                                              resend=args.resend or "vllm" in args.server_args.split()))
                 reports.append(report)
                 print(f"run {run + 1}/{args.repeat}: {report.describe()}")
                 print(json.dumps({**report.__dict__, "errors": report.errors[:5]}, indent=1))

@@ -1,0 +1,130 @@
+"""The API server's routing of intercepts to engine cores, on a fake engine client.
+
+What `infercept serve` does under data parallelism without starting one:
+which engine each call reaches, the ids that name the engine, the merged
+counters and the per-engine metrics. tests/server/test_data_parallel.py runs
+the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import REGISTRY
+
+from infercept.server.metrics import StatsPublisher
+from infercept.server.protocol import InterceptError
+from infercept.server.service import InterceptService, merge_stats
+
+
+class FakeEngineCore:
+    """vLLM's engine-core client as the service uses it: engines by identity."""
+
+    def __init__(self, ranks, answers):
+        self.engine_ranks_managed = ranks
+        self.core_engines = [r.to_bytes(2, "little") for r in ranks]
+        self.answers = answers  # rank -> method -> answer
+        self.calls: list[tuple[int, str, list]] = []
+
+    async def _call_utility_async(self, method, *args, engine):
+        assert method == "infercept" and len(args) == 2 and isinstance(args[1], list)
+        rank = int.from_bytes(engine, "little")
+        self.calls.append((rank, args[0], args[1]))
+        return self.answers.get(rank, {}).get(args[0])
+
+    async def call_utility_all_async(self, method, *args):
+        return [await self._call_utility_async(method, *args, engine=e) for e in self.core_engines]
+
+
+def service(ranks, answers=None, dp_size=None):
+    core = FakeEngineCore(ranks, answers or {})
+    parallel = SimpleNamespace(data_parallel_size=dp_size or len(ranks))
+    client = SimpleNamespace(engine_core=core, vllm_config=SimpleNamespace(parallel_config=parallel))
+    return InterceptService(client, timeout_s=600.0), core
+
+
+def test_ids_name_the_engine_only_under_data_parallelism():
+    single, _ = service([0])
+    assert single.public_id("icpt-abc", 0) == "icpt-abc"
+    assert single.parse_id("icpt-abc.1") == ("icpt-abc.1", 0)  # a plain key, dots and all
+    dp, _ = service([0, 1])
+    assert dp.public_id("icpt-a-b_c", 1) == "icpt-a-b_c.1"
+    assert dp.parse_id("icpt-a-b_c.1") == ("icpt-a-b_c", 1)
+    for unknown in ("icpt-abc", "icpt-abc.", "icpt-abc.x", "icpt-abc.2", "icpt-abc.-1"):
+        with pytest.raises(InterceptError) as error:
+            dp.parse_id(unknown)
+        assert error.value.status == 404
+    # One engine of a larger deployment (vLLM's external load balancing): rank 3 only.
+    external, _ = service([3], dp_size=4)
+    assert external.parse_id("icpt-abc.3") == ("icpt-abc", 3)
+    assert external.engine_index(3) == 0
+    with pytest.raises(InterceptError, match="engine 1"):
+        external.parse_id("icpt-abc.1")
+
+
+def test_each_call_reaches_the_engine_that_owns_the_intercept():
+    paused = {"state": "paused", "session": {"kind": "completion"}, "token_ids": [1, 2],
+              "generated_tokens": 1}
+    dp, core = service([0, 1], {1: {"claim": paused, "admission": {"resumed_from": None,
+                                                                     "reused_tokens": 0}}})
+
+    async def run():
+        claimed = await dp.claim("icpt-k.1")
+        await dp.cancel(claimed.key, claimed.rank)
+        return claimed, await dp.admission("icpt-new")
+
+    claimed, (rank, admission) = asyncio.run(run())
+    assert (claimed.key, claimed.rank, claimed.kind) == ("icpt-k", 1, "completion")
+    assert core.calls[:2] == [(1, "claim", ["icpt-k"]), (1, "cancel", ["icpt-k", "cancelled"])]
+    # The segment's engine is found by asking all: only engine 1 admitted it.
+    assert {c[0] for c in core.calls[2:]} == {0, 1} and rank == 1 and admission["reused_tokens"] == 0
+
+
+def test_claim_errors_and_locate():
+    dp, core = service([0, 1], {0: {"claim": {"state": "expired"}, "locate": None},
+                                1: {"claim": None, "locate": "icpt-k"}})
+
+    async def claim(intercept_id):
+        with pytest.raises(InterceptError) as error:
+            await dp.claim(intercept_id)
+        return error.value.status
+
+    assert asyncio.run(claim("icpt-k.0")) == 409
+    assert asyncio.run(claim("icpt-k.1")) == 404
+    assert asyncio.run(dp.locate(["call-1"], None)) == 1
+    assert asyncio.run(dp.locate(None, None)) is None  # nothing to look for: no call at all
+    assert core.calls[-1] == (1, "locate", [["call-1"], None])
+    single, core = service([0])
+    assert asyncio.run(single.locate(["call-1"], [1, 2])) is None and not core.calls
+
+
+def test_merged_stats_add_counters_and_keep_the_rest():
+    engine = {"policy": "min-waste", "interceptions": 2, "decisions": {"swap_out": 1},
+              "intercepted_by_state": {"preserved": 1, "swapped": 0},
+              "cost_model": {"a": 1.0}, "bytes_swapped_out": 10}
+    other = {**engine, "interceptions": 3, "decisions": {"swap_out": 2, "discard": 1},
+             "intercepted_by_state": {"preserved": 0, "swapped": 2}, "cost_model": {"a": 2.0}}
+    total = merge_stats([engine, other])
+    assert total["interceptions"] == 5 and total["bytes_swapped_out"] == 20
+    assert total["decisions"] == {"swap_out": 3, "discard": 1}
+    assert total["intercepted_by_state"] == {"preserved": 1, "swapped": 2}
+    assert total["cost_model"] == {"a": 1.0} and total["policy"] == "min-waste"
+    assert merge_stats([]) == {}
+
+
+def test_published_metrics_follow_each_engines_counters():
+    def sample(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {r: sample("infercept:interceptions_total", engine=r) for r in ("70", "71")}
+    publisher = StatsPublisher()
+    snapshot = {"interceptions": 4, "decisions": {"discard": 2}, "idle_device_tokens": 96,
+                "intercepted_by_state": {"preserved": 3}}
+    publisher.publish({70: snapshot, 71: {**snapshot, "interceptions": 1}})
+    publisher.publish({70: {**snapshot, "interceptions": 6}, 71: {**snapshot, "interceptions": 1}})
+    assert sample("infercept:interceptions_total", engine="70") - before["70"] == 6
+    assert sample("infercept:interceptions_total", engine="71") - before["71"] == 1
+    assert sample("infercept:intercepted_requests", engine="70", state="preserved") == 3
+    assert sample("infercept:idle_device_tokens", engine="71") == 96
