@@ -592,7 +592,7 @@ class InterceptSchedulerMixin:
         self.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
         if ended_as is None:
             self._ended.pop(key, None)
-        else:
+        elif key in self._ended:  # a keyed intercept (the front-end's)
             self._ended[key]["state"] = ended_as
         return True
 
