@@ -110,14 +110,17 @@ class InterceptSchedulerMixin:
         self._admit(spec, paused, self._resume(paused, request))
 
     def _find_paused(self, spec: InterceptSpec, request: Request) -> Interception | None:
+        # A keyed request's front end settles it (`infercept_admission`): until
+        # then, what it resumed is `resuming`; it ends `resumed` or `cancelled`.
+        ended_as = "resumed" if spec.key is None else "resuming"
         if spec.resume is not None:
             request_id = self._keys.get(spec.resume, spec.resume)
             if request_id in self.intercepts:
-                return self._take_paused(request_id)
+                return self._take_paused(request_id, ended_as)
         if not spec.auto_resume:
             return None
         best = self._continued(request.prompt_token_ids)
-        return self._take_paused(best.request_id) if best else None
+        return self._take_paused(best.request_id, ended_as) if best else None
 
     def _continued(self, prompt_token_ids) -> Interception | None:
         """The paused request `prompt_token_ids` continues (its whole prompt, and
@@ -511,14 +514,18 @@ class InterceptSchedulerMixin:
             state["state"] = "resuming"
         return {**state, "generated_tokens": paused.generated_tokens}
 
-    def infercept_admission(self, key: str) -> dict | None:
+    def infercept_admission(self, key: str, resumed_as: str = "resumed") -> dict | None:
         """How the request of `key` was admitted (None: not by this engine), and
-        whether it is paused now.
+        whether it is paused now; the intercept it resumed ends `resumed_as`
+        (`cancelled` when the request failed or its client went away).
 
         A paused one also reports its whole token sequence, which a resume
         sends back with the tool's result appended.
         """
         admission = self._admissions.pop(key, None)
+        ended = self._ended.get((admission or {}).get("resumed_from"))
+        if ended is not None and ended["state"] == "resuming":
+            ended["state"] = resumed_as
         request_id = self._keys.get(key)
         if admission is None and request_id is None:
             return None

@@ -209,15 +209,12 @@ class _Segment:
         """
         service = self.service
         try:
-            rank, admission = await service.admission(self.key)
+            rank, admission = await service.admission(self.key, "cancelled")
         except Exception:  # the engine is shutting down: nothing left to free
             logger.warning("InferCept: no admission for abandoned request %s", self.key, exc_info=True)
             return
-        resumed_from = admission["resumed_from"]
-        if self.claimed is not None and resumed_from is None:
+        if self.claimed is not None and admission["resumed_from"] is None:
             await service.release(self.claimed)
-        elif resumed_from is not None:
-            await service.cancel(resumed_from, rank)
         if "state" in admission:
             await service.cancel(self.key, rank)
 

@@ -116,9 +116,10 @@ class InterceptService:
         results = await self.engine.engine_core.call_utility_all_async("infercept", method, list(args))
         return dict(zip(self.ranks, results))
 
-    async def admission(self, key: str) -> tuple[int, dict[str, Any]]:
-        """(the rank of the engine that ran the segment of `key`, how it was admitted)."""
-        for rank, admission in (await self.call_all("admission", key)).items():
+    async def admission(self, key: str, resumed_as: str = "resumed") -> tuple[int, dict[str, Any]]:
+        """(the rank of the engine that ran the segment of `key`, how it was
+        admitted); what it resumed ends `resumed_as`."""
+        for rank, admission in (await self.call_all("admission", key, resumed_as)).items():
             if admission is not None:
                 return rank, admission
         return self.ranks[0], {"resumed_from": None, "reused_tokens": 0}
