@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """Length of the common prefix of `a` and `b`, at most `limit`."""
+def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int, start: int = 0) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`; the first
+    `start` tokens are known to be equal."""
     n = min(limit, len(a), len(b))
-    for i in range(n):
+    for i in range(start, n):
         if a[i] != b[i]:
             return i
     return n

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_right
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 
+from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -37,6 +38,7 @@ from infercept.adapter.interception import (
     trigger_completed,
 )
 from infercept.adapter.policy_driver import PolicyDriver
+from infercept.adapter.resume_index import ResumeIndex
 from infercept.config import InterceptConfig
 from infercept.policy.types import Location
 from infercept.policy.waste import recompute_chunk_tokens
@@ -66,10 +68,18 @@ class InterceptSchedulerMixin:
         self._finished_kv: dict[str, int] = {}
         # Request id -> records of the interceptions its session went through.
         self._records: dict[str, list[dict]] = {}
-        # Paused requests by their front-end key, and by their first tokens
-        # (to find the one a new prompt continues).
+        # Paused requests by their front-end key, and by their prompt (to find
+        # the one a new prompt continues), filed under vLLM's block hashes.
         self._keys: dict[str, str] = {}
-        self._by_prefix: dict[tuple[int, ...], set[str]] = defaultdict(set)
+        # Where vLLM hashes every request's blocks (prefix caching or a KV
+        # connector on: EngineCore's condition), the index uses its hashes, and
+        # hashes token lists the front end sends with its function.
+        self._resume_index = ResumeIndex(
+            self.hash_block_size,
+            get_hash_fn_by_name(self.cache_config.prefix_caching_hash_algo)
+            if self.cache_config.enable_prefix_caching or self.connector is not None
+            else None,
+        )
         # Key -> how the request of that key was admitted (bounded).
         self._admissions: dict[str, dict] = {}
         # The intercepts' ledger, here with their KV so that every API server
@@ -119,30 +129,15 @@ class InterceptSchedulerMixin:
                 return self._take_paused(request_id, ended_as)
         if not spec.auto_resume:
             return None
-        best = self._continued(request.prompt_token_ids)
+        best = self._continued(request.prompt_token_ids, request.block_hashes)
         return self._take_paused(best.request_id, ended_as) if best else None
 
-    def _continued(self, prompt_token_ids) -> Interception | None:
+    def _continued(self, prompt_token_ids, block_hashes=()) -> Interception | None:
         """The paused request `prompt_token_ids` continues (its whole prompt, and
         more, computed in its KV), the longest match; a claimed one is taken
         only by the resume that claimed it."""
-        prefix = _prefix_key(prompt_token_ids)
-        if not self.intercepts or prefix is None:
-            return None
-        best, best_len = None, 0
-        for request_id in self._by_prefix.get(prefix, ()):
-            paused = self.intercepts[request_id]
-            if paused.key in self._claimed:
-                continue
-            common = blocks.common_prefix_len(
-                paused.request.all_token_ids, prompt_token_ids, paused.num_kv_tokens
-            )
-            # The whole paused prompt, and more: the same conversation going on
-            # (another agent may send the very same prompt).
-            going_on = len(prompt_token_ids) > paused.prompt_tokens
-            if going_on and common >= paused.prompt_tokens and common > best_len:
-                best, best_len = paused, common
-        return best
+        return self._resume_index.continued(prompt_token_ids, block_hashes,
+                                            skip=lambda paused: paused.key in self._claimed)
 
     def _take_paused(self, request_id: str, ended_as: str = "resumed") -> Interception:
         paused = self.intercepts.pop(request_id)
@@ -152,11 +147,7 @@ class InterceptSchedulerMixin:
             self._by_call_id.pop(call_id, None)
         if paused.spec.key is not None:
             self._end(paused.key, paused.summary(ended_as))
-        prefix = _prefix_key(paused.request.all_token_ids)
-        if prefix is not None:
-            self._by_prefix[prefix].discard(request_id)
-            if not self._by_prefix[prefix]:
-                del self._by_prefix[prefix]
+        self._resume_index.remove(request_id)
         return paused
 
     def _end(self, key: str, summary: dict) -> None:
@@ -291,9 +282,7 @@ class InterceptSchedulerMixin:
         )
         self.intercepts[request.request_id] = paused
         self._keys[paused.key] = request.request_id
-        prefix = _prefix_key(request.all_token_ids)
-        if prefix is not None:
-            self._by_prefix[prefix].add(request.request_id)
+        self._resume_index.add(paused)
         self.policy_driver.paused(paused)
 
     # ---- resume ------------------------------------------------------------
@@ -649,16 +638,8 @@ class InterceptSchedulerMixin:
         return released + (super().finish_requests(others, finished_status) if others else [])
 
 
-AUTO_RESUME_PREFIX_TOKENS = 8
 # Ended intercepts whose last state (resumed, cancelled, expired) is kept.
 MAX_ENDED_INTERCEPTS = 10_000
-
-
-def _prefix_key(token_ids) -> tuple[int, ...] | None:
-    """The first tokens of a sequence: where a continuing prompt is looked up."""
-    if len(token_ids) < AUTO_RESUME_PREFIX_TOKENS:
-        return None
-    return tuple(token_ids[:AUTO_RESUME_PREFIX_TOKENS])
 
 
 class InterceptScheduler(InterceptSchedulerMixin, Scheduler):

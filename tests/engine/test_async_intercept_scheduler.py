@@ -639,6 +639,33 @@ def test_diverged_resume_keeps_the_common_blocks(env, how, common, kept):
     assert_all_free(e)
 
 
+@pytest.mark.parametrize("hashed", [True, False], ids=["vllm-block-hashes", "own-hashes"])
+def test_automatic_resume_finds_the_paused_request_by_its_whole_prompt(env, hashed):
+    """The automatic resume looks a new prompt up by block hashes: vLLM's (prefix
+    caching and the connector on) or the index's own (both off, so vLLM hashes
+    nothing). A token list (the data-parallel front end's locate) meets the same
+    keys; a prompt that only repeats the paused one, or leaves it, finds nothing."""
+    e = env("preserve", prefix_caching=hashed, connector=hashed)
+    s = e.scheduler
+    paused = pause_with_token_in_flight(e)
+    settle(e, paused)
+    prompt = list(paused.prompt_token_ids)
+    assert len(prompt) % BLOCK_SIZE  # full blocks and a tail
+    follow_up = list(paused.all_token_ids) + TOOL_TOKENS
+    assert s.infercept_locate(prompt_token_ids=follow_up) == "r"
+    assert s.infercept_locate(prompt_token_ids=prompt) is None  # the same prompt, not going on
+    for changed in (1, len(prompt) - 1):  # in a full block, in the tail
+        other = follow_up[:changed] + [0] + follow_up[changed + 1:]
+        assert s.infercept_locate(prompt_token_ids=other) is None
+    assert s.infercept_locate(prompt_token_ids=[0] + follow_up) is None
+    resumed = make_request("q", follow_up, max_tokens=4, infercept={"auto_resume": True})
+    s.add_request(resumed)
+    assert "r" not in s.intercepts
+    assert resumed.num_computed_tokens == paused.num_computed_tokens == len(prompt) + INTERCEPT_AFTER - 1
+    decode_to_the_end(e, resumed, len(follow_up), 4)
+    assert_all_free(e)
+
+
 def test_min_waste_swaps_out_prefetches_and_resumes(env):
     """min-waste with the tool's expected duration (1 s): swapped out at once, brought
     back just before the tool returns; the resume takes the prefetched blocks."""

@@ -60,6 +60,7 @@ REQUEST_FIELDS_READ = (
     "num_tokens",
     "num_output_tokens",
     "sampling_params",
+    "block_hashes",  # ResumeIndex: paused prompts filed under vLLM's chained block hashes
 )
 
 # `RequestStatus` members InferCept uses (scheduler: pause, trigger stop, abort).
@@ -119,6 +120,8 @@ SCHEDULER_ATTRIBUTES = {
     "scheduler_config": "InterceptSchedulerMixin.schedule (long_prefill_token_threshold)",
     "vllm_config": "InterceptSchedulerMixin.__init__",
     "kv_cache_config": "PolicyDriver (cost model)",
+    "hash_block_size": "InterceptSchedulerMixin.__init__ (ResumeIndex: requests' block_hashes granularity)",
+    "cache_config": "InterceptSchedulerMixin.__init__ (ResumeIndex: prefix caching on, its hash function)",
 }
 
 # The KV cache manager's calls InferCept makes: parameter names that must be there.
@@ -292,6 +295,30 @@ def test_request_has_every_field_we_assign_or_read():
                  "num_output_placeholders"):
         assert f"request.{name} =" in source, (
             f"vLLM's _handle_stopped_request no longer sets request.{name}: revisit InterceptSchedulerMixin._pause")
+
+
+def test_resume_index_hashes_token_lists_as_vllm_hashes_requests():
+    """A front end's token list (the data-parallel locate) must meet a paused request's
+    `block_hashes`: the index chains vLLM's `hash_block_tokens` with the engine core's
+    hash function as EngineCore builds its request block hasher."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.request import Request
+
+    from infercept.adapter.resume_index import chained_block_hashes
+
+    source = inspect.getsource(EngineCore.__init__)
+    assert "enable_prefix_caching or kv_connector is not None" in source, (
+        "EngineCore hashes requests' blocks under another condition: revisit InterceptSchedulerMixin.__init__")
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    tokens = list(range(100, 170))
+    request = Request("hashed", tokens, SamplingParams(max_tokens=4), None,
+                      block_hasher=get_request_block_hasher(16, hash_fn))
+    assert len(request.block_hashes) == 4
+    assert list(chained_block_hashes(tokens, 16, hash_fn)) == request.block_hashes
 
 
 def test_the_request_fields_the_adapter_assigns_are_all_listed():
