@@ -169,6 +169,15 @@ class InterceptConfig:
         )
 
         group.add_argument(
+            "--intercept-chat-turns",
+            action="store_true",
+            help="Pause every chat turn at its natural end, with or without tools, so that "
+            "the conversation's next turn (a human's) resumes it; a pause nobody resumes is "
+            "released by --intercept-timeout. Per request: \"infercept\": {\"pause_turn\": "
+            "true|false}, or the header X-InferCept-Pause-Turn: true|false.",
+        )
+
+        group.add_argument(
             "--intercept-instance",
             type=_instance_name,
             default=None,

@@ -25,6 +25,11 @@ class InterceptExtension(BaseModel):
                                         description="Intercept after this many generated tokens.")
     tool: str | None = Field(default=None, max_length=256)
     expected_duration_s: float | None = Field(default=None, ge=0, le=1e7)
+    pause_turn: bool | None = Field(
+        default=None,
+        description="Chat: pause this turn at its natural end, tool call or not, so that the "
+        "conversation's next turn resumes it (default: the server's --intercept-chat-turns, "
+        "or the X-InferCept-Pause-Turn header).")
 
     @model_validator(mode="after")
     def _check_triggers(self) -> "InterceptExtension":

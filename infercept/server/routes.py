@@ -9,6 +9,7 @@ add the `"infercept"` object to the response (to the last chunk of a stream).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -42,6 +43,11 @@ _CLIENT_CLOSED_REQUEST = 499
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 # Response headers of a (non-streamed) response that leaves a paused request.
 INTERCEPT_HEADER, INSTANCE_HEADER = "X-InferCept-Intercept-Id", "X-InferCept-Instance"
+# Request header: pause this chat turn at its end for the conversation's next turn.
+PAUSE_TURN_HEADER = "X-InferCept-Pause-Turn"
+_HEADER_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# The duration estimator's name for the wait between a paused chat turn and the next.
+HUMAN_TURN = "human"
 # Request fields that describe one segment, not the session: not kept as a resume's defaults.
 _SEGMENT_FIELDS = {"prompt", "messages", "stream", "stream_options", "max_tokens",
                    "max_completion_tokens", "vllm_xargs", "infercept", "model", "n"}
@@ -127,18 +133,29 @@ async def _generate(raw_request: Request, kind: str):
         return error.response()
     spec = _spec(extension, service.new_key(), resume=claimed and claimed.key, auto_resume=True)
     stock = getattr(raw_request.app.state.args, "intercept_policy", None) == "vllm"
+    try:
+        pause_turn = kind == "chat" and not stock and _pause_turn(raw_request, extension)
+    except InterceptError as error:
+        if claimed is not None:
+            await service.release(claimed)
+        return error.response()
     if kind == "chat" and not stock and body.get("tools") and body.get("tool_choice") != "none":
         # A turn that may end in a tool call pauses at its end; one that ends
-        # without a call is then cancelled at once.
+        # without a call is then cancelled at once (unless every turn pauses).
         spec["pause_on_stop"] = True
         end = _tool_call_end(raw_request)
         if end:
             spec["triggers"] = sorted({*spec.get("triggers", ()), end})
-    return await _run(raw_request, kind, body, spec, claimed, extension, budget=None)
+    elif pause_turn:
+        # The next turn is a person's: the duration estimator learns it as a tool.
+        spec["pause_on_stop"] = True
+        spec.setdefault("tool", HUMAN_TURN)
+    return await _run(raw_request, kind, body, spec, claimed, extension, budget=None,
+                      pause_turn=pause_turn)
 
 
 async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed: Claimed | None,
-               extension: InterceptExtension, budget: int | None):
+               extension: InterceptExtension, budget: int | None, pause_turn: bool = False):
     service = _service(raw_request)
     started_s = time.monotonic()
     if _may_pause(spec):
@@ -163,7 +180,10 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         if claimed is not None:
             await service.release(claimed)
         return error_response(HTTPStatus.BAD_REQUEST, validation_message(error))
-    session = _Segment(service, kind, spec["key"], claimed, started_s)
+    # Under data parallelism a paused turn is named by its conversation, for the
+    # follow-up (which names no tool call) to be located by.
+    messages = body.get("messages") if pause_turn and service.data_parallel else None
+    session = _Segment(service, kind, spec["key"], claimed, started_s, pause_turn, messages)
     try:
         response = await original.endpoint(request, raw_request)
     except BaseException:
@@ -179,10 +199,10 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         await session.abandon()
         return response
     data = json.loads(response.body)
-    info = await session.settle(_tool_call_ids(data, "message"))
+    info = await session.settle(_tool_call_ids(data, "message"), _reply(data, "message"))
     if info:
         data["infercept"] = info
-    if "intercept_id" in info and kind == "chat":
+    if "intercept_id" in info and kind == "chat" and _tool_call_ids(data, "message"):
         _finish_as_tool_calls(data)
     headers = _headers(response)
     if "intercept_id" in info:  # where the paused request lives, for a router to stick to
@@ -196,9 +216,11 @@ class _Segment:
     """One request's passage through the engine, and what it left behind."""
 
     def __init__(self, service: InterceptService, kind: str, key: str, claimed: Claimed | None,
-                 started_s: float):
+                 started_s: float, pause_turn: bool = False, messages: list | None = None):
         self.service, self.kind, self.key = service, kind, key
         self.claimed, self.started_s = claimed, started_s
+        self.pause_turn = pause_turn  # a chat turn that stays paused without a tool call
+        self.messages = messages
 
     async def abandon(self) -> None:
         """The segment ended without an answer (an error, or its client gone and vLLM's abort).
@@ -218,7 +240,7 @@ class _Segment:
         if "state" in admission:
             await service.cancel(self.key, rank)
 
-    async def settle(self, tool_call_ids: list[str]) -> dict[str, Any]:
+    async def settle(self, tool_call_ids: list[str], reply: str = "") -> dict[str, Any]:
         service, info = self.service, {}
         rank, admission = await service.admission(self.key)
         resumed_from = admission["resumed_from"]
@@ -230,31 +252,36 @@ class _Segment:
             RESUME_LATENCY.observe(time.monotonic() - self.started_s)
         if "state" not in admission:
             return info
-        if self.kind == "chat" and not tool_call_ids:
+        if self.kind == "chat" and not tool_call_ids and not self.pause_turn:
             await service.cancel(self.key, rank, None)  # a final answer: nothing to resume
             return info
         if self.kind == "chat" and service.data_parallel:
-            await service.call("bind_calls", self.key, tool_call_ids, rank=rank)
+            names = tool_call_ids or (
+                [_turn_id([*self.messages, {"role": "assistant", "content": reply}])]
+                if isinstance(self.messages, list) else [])
+            await service.call("bind_calls", self.key, names, rank=rank)
         info.update(intercept_id=service.public_id(self.key, rank), state=admission["state"])
         return info
 
     async def stream(self, chunks):
         """vLLM's event stream, with the `"infercept"` object in its last data chunk."""
-        held, call_ids, buffer, settled = None, [], "", False
+        held, call_ids, reply, buffer, settled = None, [], [], "", False
         try:
             async for chunk in chunks:
                 buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
                 while "\n\n" in buffer:
                     event, buffer = buffer.split("\n\n", 1)
                     if event.strip() == "data: [DONE]":
-                        info = await self.settle(call_ids)
+                        info = await self.settle(call_ids, "".join(reply))
                         settled = True
                         if held is not None:
-                            yield _with_info(held, info, self.kind) + "\n\n"
+                            yield _with_info(held, info, self.kind == "chat" and bool(call_ids)) + "\n\n"
                             held = None
                         yield event + "\n\n"
                         continue
-                    call_ids += _event_tool_call_ids(event)
+                    data = _event_data(event)
+                    call_ids += _tool_call_ids(data, "delta")
+                    reply.append(_reply(data, "delta"))
                     if held is not None:
                         yield held + "\n\n"
                     held = event
@@ -345,6 +372,22 @@ def _resume_body(service: InterceptService, claimed: Claimed, resume: ResumeRequ
             "stream": resume.stream, "max_tokens": remaining}
 
 
+def _pause_turn(raw_request: Request, extension: InterceptExtension) -> bool:
+    """Whether a chat turn pauses at its natural end without a tool call: the
+    request's `pause_turn`, else its `X-InferCept-Pause-Turn` header, else the
+    server's `--intercept-chat-turns`."""
+    if extension.pause_turn is not None:
+        return extension.pause_turn
+    header = raw_request.headers.get(PAUSE_TURN_HEADER)
+    if header is not None:
+        value = header.strip().lower()
+        if value not in _HEADER_BOOLEANS:
+            raise InterceptError(HTTPStatus.BAD_REQUEST,
+                                 f"{PAUSE_TURN_HEADER} must be true or false, not {header!r}")
+        return _HEADER_BOOLEANS[value]
+    return bool(getattr(raw_request.app.state.args, "intercept_chat_turns", False))
+
+
 def _may_pause(spec: dict) -> bool:
     return bool(spec.get("triggers") or spec.get("intercept_after") or spec.get("pause_on_stop"))
 
@@ -370,14 +413,33 @@ def _tool_call_ids(data: dict, field: str) -> list[str]:
             for call in (choice.get(field) or {}).get("tool_calls") or ()]
 
 
-def _event_tool_call_ids(event: str) -> list[str]:
+def _event_data(event: str) -> dict:
+    """A stream event's JSON object (empty for anything else)."""
     if not event.startswith("data: "):
-        return []
+        return {}
     try:
         data = json.loads(event[len("data: "):])
     except ValueError:
-        return []
-    return _tool_call_ids(data, "delta") if isinstance(data, dict) else []
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _reply(data: dict, field: str) -> str:
+    """The first choice's text in a response (`field` "message") or a stream chunk ("delta")."""
+    choices = data.get("choices") or [{}]
+    return (choices[0].get(field) or {}).get("content") or ""
+
+
+def _text(content) -> str:
+    if isinstance(content, list):  # content parts
+        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _turn_id(messages: list[dict]) -> str:
+    """A conversation's name up to its last reply: its roles and texts, digested."""
+    normal = [[m.get("role"), _text(m.get("content"))] for m in messages if isinstance(m, dict)]
+    return "turn:" + hashlib.sha256(json.dumps(normal).encode()).hexdigest()[:32]
 
 
 async def _follow_up_rank(service: InterceptService, kind: str, body: dict) -> int | None:
@@ -385,10 +447,13 @@ async def _follow_up_rank(service: InterceptService, kind: str, body: dict) -> i
     continues. A chat follow-up answers its tool calls, by id; a completion's
     prompt begins with the paused request's tokens."""
     if kind == "chat":
-        call_ids = [call["id"] for message in body.get("messages") or ()
-                    if isinstance(message, dict) and message.get("role") == "assistant"
+        messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
+        call_ids = [call["id"] for message in messages if message.get("role") == "assistant"
                     for call in message.get("tool_calls") or ()
                     if isinstance(call, dict) and isinstance(call.get("id"), str)]
+        replies = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+        if replies:  # a turn paused without a tool call: named by the conversation up to it
+            call_ids.append(_turn_id(messages[:replies[-1] + 1]))
         return await service.locate(call_ids[-64:], None) if call_ids else None
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -415,12 +480,14 @@ def _finish_as_tool_calls(data: dict) -> None:
             choice["finish_reason"] = "tool_calls"
 
 
-def _with_info(event: str, info: dict, kind: str) -> str:
+def _with_info(event: str, info: dict, tool_calls: bool) -> str:
+    """A stream's last data chunk with the `"infercept"` object; a chat turn
+    paused at its tool calls finishes as `tool_calls`."""
     if not info or not event.startswith("data: "):
         return event
     data = json.loads(event[len("data: "):])
     data["infercept"] = info
-    if "intercept_id" in info and kind == "chat":
+    if "intercept_id" in info and tool_calls:
         _finish_as_tool_calls(data)
     return "data: " + json.dumps(data)
 

@@ -99,20 +99,40 @@ def chat_agent(base, model, index, rank=None):
         (first.get("infercept"), answer.get("infercept"))
 
 
+def turn_agent(base, model, index, rank=None):
+    """A chat turn without tools paused at its end (`pause_turn`), then the person's next turn."""
+    # Longer than a 32-token block: the follow-up shares the prompt and no more (see
+    # tests/server/test_chat_turns.py), so whole blocks of it are reused.
+    messages = [{"role": "user", "content": f"Agent {index} says hello to the people reading this."}]
+    first = _post(base, "/v1/chat/completions", {
+        "model": model, "messages": messages, "temperature": 0, "max_tokens": 32,
+        "infercept": {"pause_turn": True},
+        "structured_outputs": {"regex": f"Hello agent {index}[.] How can I help[?]"}}, rank)
+    reply = first["choices"][0]["message"]["content"]
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "The weather?"}]
+    answer = _post(base, "/v1/chat/completions", {
+        "model": model, "messages": messages, "temperature": 0, "max_tokens": 12})
+    return (reply, answer["choices"][0]["message"]["content"]), (first.get("infercept"), answer.get("infercept"))
+
+
 def run_agents(base, model, pinned: bool):
     """Every agent at once; `pinned` sends each first turn to engine index % 2."""
-    with ThreadPoolExecutor(NUM_AGENTS + 2) as pool:
+    with ThreadPoolExecutor(NUM_AGENTS + 4) as pool:
         completions = [pool.submit(completion_agent, base, model, i, i % 2 if pinned else None)
                        for i in range(NUM_AGENTS)]
         chats = [pool.submit(chat_agent, base, model, i, i % 2 if pinned else None) for i in range(2)]
-        return [f.result() for f in completions], [f.result() for f in chats]
+        turns = [pool.submit(turn_agent, base, model, i, i % 2 if pinned else None) for i in range(2)]
+        return ([f.result() for f in completions], [f.result() for f in chats],
+                [f.result() for f in turns])
 
 
 @pytest.fixture(scope="module")
 def single_engine_transcripts(server_pool, tiny_model):
     server = server_pool.get(tiny_model, TINY_SERVER_ARGS)
-    completions, chats = run_agents(server.base_url, str(tiny_model), pinned=False)
-    return [texts for texts, _ in completions], [transcript for transcript, _ in chats]
+    completions, chats, turns = run_agents(server.base_url, str(tiny_model), pinned=False)
+    assert all(answer["resumed_from"] == first["intercept_id"] for _, (first, answer) in turns)
+    return ([texts for texts, _ in completions], [transcript for transcript, _ in chats],
+            [transcript for transcript, _ in turns])
 
 
 @pytest.fixture
@@ -128,7 +148,7 @@ def _engine(intercept_id: str) -> int:
 
 def test_resumes_reach_the_engine_that_holds_the_kv(dp_server, tiny_model, single_engine_transcripts):
     base = dp_server.base_url
-    completions, chats = run_agents(base, str(tiny_model), pinned=True)
+    completions, chats, turns = run_agents(base, str(tiny_model), pinned=True)
     engines = set()
     for index, (texts, infos) in enumerate(completions):
         engine = _engine(infos[0]["intercept_id"])
@@ -146,6 +166,11 @@ def test_resumes_reach_the_engine_that_holds_the_kv(dp_server, tiny_model, singl
         assert _engine(first["intercept_id"]) == index % 2
         assert answer["resumed_from"] == first["intercept_id"] and answer["reused_tokens"] > 0
     assert [transcript for transcript, _ in chats] == single_engine_transcripts[1]
+    # A turn paused without a tool call is located by its conversation.
+    for index, (transcript, (first, answer)) in enumerate(turns):
+        assert _engine(first["intercept_id"]) == index % 2
+        assert answer["resumed_from"] == first["intercept_id"] and answer["reused_tokens"] > 0
+    assert [transcript for transcript, _ in turns] == single_engine_transcripts[2]
     # Any API server process knows every intercept's end.
     for _, infos in completions:
         for info in infos[:-1]:
@@ -155,11 +180,13 @@ def test_resumes_reach_the_engine_that_holds_the_kv(dp_server, tiny_model, singl
 
 
 def test_first_turns_are_balanced_by_vllm(dp_server, tiny_model, single_engine_transcripts):
-    completions, chats = run_agents(dp_server.base_url, str(tiny_model), pinned=False)
+    completions, chats, turns = run_agents(dp_server.base_url, str(tiny_model), pinned=False)
     assert {_engine(infos[0]["intercept_id"]) for _, infos in completions} == {0, 1}
     assert all(after["reused_tokens"] > 0 for _, infos in completions for after in infos[1:])
     assert [texts for texts, _ in completions] == single_engine_transcripts[0]
     assert [transcript for transcript, _ in chats] == single_engine_transcripts[1]
+    assert all(answer["reused_tokens"] > 0 for _, (_, answer) in turns)
+    assert [transcript for transcript, _ in turns] == single_engine_transcripts[2]
     wait_until_nothing_held(dp_server.base_url)
 
 
