@@ -27,11 +27,13 @@ class InterceptEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        """During vLLM's `build_app`: keep vLLM's chat and completion endpoints, add ours."""
+        """During vLLM's `build_app`: keep vLLM's chat, completion and messages endpoints, add ours."""
+        from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-        models = {routes.CHAT: ChatCompletionRequest, routes.COMPLETIONS: CompletionRequest}
+        models = {routes.CHAT: ChatCompletionRequest, routes.COMPLETIONS: CompletionRequest,
+                  routes.MESSAGES: AnthropicMessagesRequest}
         originals = {}
         for route in app.routes:
             if isinstance(route, APIRoute) and route.path in models and "POST" in route.methods:

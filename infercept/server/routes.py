@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from infercept.adapter.interception import STOP_REASON
 from infercept.server.metrics import RESUME_LATENCY
 from infercept.server.protocol import (
     ERROR_RESPONSES,
@@ -40,7 +41,10 @@ router = APIRouter()
 # nginx's code for a request whose client closed the connection; nobody reads the response.
 _CLIENT_CLOSED_REQUEST = 499
 
-COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+COMPLETIONS, CHAT, MESSAGES = "/v1/completions", "/v1/chat/completions", "/v1/messages"
+PATHS = {"completion": COMPLETIONS, "chat": CHAT, "messages": MESSAGES}
+# Conversations (a follow-up sends the whole conversation again): OpenAI's chat, Anthropic's messages.
+CONVERSATIONS = ("chat", "messages")
 # Response headers of a (non-streamed) response that leaves a paused request.
 INTERCEPT_HEADER, INSTANCE_HEADER = "X-InferCept-Intercept-Id", "X-InferCept-Instance"
 # Request header: pause this chat turn at its end for the conversation's next turn.
@@ -66,6 +70,13 @@ async def create_completion(request: InterceptCompletionRequest, raw_request: Re
 @router.post(CHAT, responses=_GENERATE_RESPONSES)
 async def create_chat_completion(request: InterceptChatCompletionRequest, raw_request: Request):
     return await _generate(raw_request, "chat")
+
+
+@router.post(MESSAGES, responses=_GENERATE_RESPONSES)
+async def create_message(raw_request: Request):
+    """Anthropic's Messages API (vLLM's), with interception: a turn that ends in
+    `tool_use` pauses, and the follow-up with its `tool_result` resumes it."""
+    return _anthropic_error(await _generate(raw_request, "messages"))
 
 
 @router.post("/v1/intercepts/{intercept_id}/resume", responses=_GENERATE_RESPONSES)
@@ -134,16 +145,18 @@ async def _generate(raw_request: Request, kind: str):
     spec = _spec(extension, service.new_key(), resume=claimed and claimed.key, auto_resume=True)
     stock = getattr(raw_request.app.state.args, "intercept_policy", None) == "vllm"
     try:
-        pause_turn = kind == "chat" and not stock and _pause_turn(raw_request, extension)
+        pause_turn = kind in CONVERSATIONS and not stock and _pause_turn(raw_request, extension)
     except InterceptError as error:
         if claimed is not None:
             await service.release(claimed)
         return error.response()
-    if kind == "chat" and not stock and body.get("tools") and body.get("tool_choice") != "none":
+    if kind in CONVERSATIONS and not stock and body.get("tools") and not _no_tools(body):
         # A turn that may end in a tool call pauses at its end; one that ends
         # without a call is then cancelled at once (unless every turn pauses).
         spec["pause_on_stop"] = True
-        end = _tool_call_end(raw_request)
+        # Pausing on the parser's end token keeps it only where the request can
+        # ask vLLM to (chat's include_stop_str_in_output); messages pause at EOS.
+        end = _tool_call_end(raw_request) if kind == "chat" else None
         if end:
             spec["triggers"] = sorted({*spec.get("triggers", ()), end})
     elif pause_turn:
@@ -173,7 +186,11 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         # vLLM's detokenizer drops the last token of a stopped output (it takes
         # it for EOS); a segment that pauses on a trigger keeps it.
         body.setdefault("include_stop_str_in_output", True)
-    original = raw_request.app.state.infercept_originals[CHAT if kind == "chat" else COMPLETIONS]
+    original = raw_request.app.state.infercept_originals.get(PATHS[kind])
+    if original is None:  # vLLM does not serve this API for this model
+        if claimed is not None:
+            await service.release(claimed)
+        return error_response(HTTPStatus.NOT_FOUND, f"{PATHS[kind]} is not served for this model")
     try:
         request = original.request_model.model_validate(body)
     except ValidationError as error:
@@ -199,11 +216,12 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         await session.abandon()
         return response
     data = json.loads(response.body)
-    info = await session.settle(_tool_call_ids(data, "message"), _reply(data, "message"))
+    call_ids = _call_ids(data, kind)
+    info = await session.settle(call_ids, _reply(data, kind))
     if info:
         data["infercept"] = info
-    if "intercept_id" in info and kind == "chat" and _tool_call_ids(data, "message"):
-        _finish_as_tool_calls(data)
+    if "intercept_id" in info:
+        _finish_paused(data, kind, bool(call_ids))
     headers = _headers(response)
     if "intercept_id" in info:  # where the paused request lives, for a router to stick to
         headers[INTERCEPT_HEADER] = info["intercept_id"]
@@ -252,10 +270,10 @@ class _Segment:
             RESUME_LATENCY.observe(time.monotonic() - self.started_s)
         if "state" not in admission:
             return info
-        if self.kind == "chat" and not tool_call_ids and not self.pause_turn:
+        if self.kind in CONVERSATIONS and not tool_call_ids and not self.pause_turn:
             await service.cancel(self.key, rank, None)  # a final answer: nothing to resume
             return info
-        if self.kind == "chat" and service.data_parallel:
+        if self.kind in CONVERSATIONS and service.data_parallel:
             names = tool_call_ids or (
                 [_turn_id([*self.messages, {"role": "assistant", "content": reply}])]
                 if isinstance(self.messages, list) else [])
@@ -271,17 +289,17 @@ class _Segment:
                 buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
                 while "\n\n" in buffer:
                     event, buffer = buffer.split("\n\n", 1)
-                    if event.strip() == "data: [DONE]":
+                    if _is_last(event, self.kind):
                         info = await self.settle(call_ids, "".join(reply))
                         settled = True
                         if held is not None:
-                            yield _with_info(held, info, self.kind == "chat" and bool(call_ids)) + "\n\n"
+                            yield _with_info(held, info, self.kind, bool(call_ids)) + "\n\n"
                             held = None
                         yield event + "\n\n"
                         continue
                     data = _event_data(event)
-                    call_ids += _tool_call_ids(data, "delta")
-                    reply.append(_reply(data, "delta"))
+                    call_ids += _call_ids(data, self.kind, streamed=True)
+                    reply.append(_reply(data, self.kind, streamed=True))
                     if held is not None:
                         yield held + "\n\n"
                     held = event
@@ -346,8 +364,8 @@ def _session(kind: str, body: dict, extension: InterceptExtension, budget: int |
 def _resume_body(service: InterceptService, claimed: Claimed, resume: ResumeRequest) -> dict:
     if claimed.kind != "completion":
         raise InterceptError(HTTPStatus.BAD_REQUEST,
-                             "a chat intercept resumes with the conversation sent to "
-                             "/v1/chat/completions (tool messages appended)", "intercept_id")
+                             f"a {claimed.kind} intercept resumes with the conversation sent to "
+                             f"{PATHS.get(claimed.kind, CHAT)} (tool results appended)", "intercept_id")
     appended = resume.token_ids
     if appended is None:
         tokenizer = service.engine.get_tokenizer()
@@ -406,28 +424,52 @@ def _tool_call_end(raw_request: Request) -> str | None:
 
 
 def _tool_call_ids(data: dict, field: str) -> list[str]:
-    """The ids of the tool calls in a response's choices (`field`: "message",
+    """The ids of the tool calls in a chat response's choices (`field`: "message",
     or "delta" in a stream's chunk); a call without an id counts, as ""."""
     return [call.get("id") or ""
             for choice in data.get("choices", ())
             for call in (choice.get(field) or {}).get("tool_calls") or ()]
 
 
+def _call_ids(data: dict, kind: str, streamed: bool = False) -> list[str]:
+    """The tool calls' ids in a response (or a stream's event) of this kind."""
+    if kind == "messages":
+        blocks = [data.get("content_block") or {}] if streamed else data.get("content") or ()
+        return [block.get("id") or "" for block in blocks
+                if isinstance(block, dict) and block.get("type") == "tool_use"]
+    return _tool_call_ids(data, "delta" if streamed else "message")
+
+
+def _reply(data: dict, kind: str, streamed: bool = False) -> str:
+    """The text a response (or a stream's event) of this kind adds to the reply
+    (a chat's first choice)."""
+    if kind == "messages":
+        if streamed:
+            delta = data.get("delta") or {}
+            return delta.get("text") or "" if delta.get("type") == "text_delta" else ""
+        return "".join(block.get("text") or "" for block in data.get("content") or ()
+                       if isinstance(block, dict) and block.get("type") == "text")
+    choices = data.get("choices") or [{}]
+    return (choices[0].get("delta" if streamed else "message") or {}).get("content") or ""
+
+
 def _event_data(event: str) -> dict:
     """A stream event's JSON object (empty for anything else)."""
-    if not event.startswith("data: "):
-        return {}
-    try:
-        data = json.loads(event[len("data: "):])
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    for line in event.split("\n"):
+        if line.startswith("data: "):
+            try:
+                data = json.loads(line[len("data: "):])
+            except ValueError:
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
 
 
-def _reply(data: dict, field: str) -> str:
-    """The first choice's text in a response (`field` "message") or a stream chunk ("delta")."""
-    choices = data.get("choices") or [{}]
-    return (choices[0].get(field) or {}).get("content") or ""
+def _is_last(event: str, kind: str) -> bool:
+    """The stream's end: OpenAI's `[DONE]`, Anthropic's `message_stop` event."""
+    if kind == "messages":
+        return event.startswith("event: message_stop")
+    return event.strip() == "data: [DONE]"
 
 
 def _text(content) -> str:
@@ -446,11 +488,13 @@ async def _follow_up_rank(service: InterceptService, kind: str, body: dict) -> i
     """Under data parallelism: the engine holding the paused turn this request
     continues. A chat follow-up answers its tool calls, by id; a completion's
     prompt begins with the paused request's tokens."""
-    if kind == "chat":
+    if kind in CONVERSATIONS:
         messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
-        call_ids = [call["id"] for message in messages if message.get("role") == "assistant"
-                    for call in message.get("tool_calls") or ()
-                    if isinstance(call, dict) and isinstance(call.get("id"), str)]
+        calls = [call for message in messages if message.get("role") == "assistant"
+                 for call in (message.get("tool_calls") or () if kind == "chat" else
+                              message.get("content") if isinstance(message.get("content"), list) else ())
+                 if isinstance(call, dict) and (kind == "chat" or call.get("type") == "tool_use")]
+        call_ids = [call["id"] for call in calls if isinstance(call.get("id"), str)]
         replies = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
         if replies:  # a turn paused without a tool call: named by the conversation up to it
             call_ids.append(_turn_id(messages[:replies[-1] + 1]))
@@ -480,16 +524,48 @@ def _finish_as_tool_calls(data: dict) -> None:
             choice["finish_reason"] = "tool_calls"
 
 
-def _with_info(event: str, info: dict, tool_calls: bool) -> str:
-    """A stream's last data chunk with the `"infercept"` object; a chat turn
-    paused at its tool calls finishes as `tool_calls`."""
-    if not info or not event.startswith("data: "):
-        return event
-    data = json.loads(event[len("data: "):])
-    data["infercept"] = info
-    if "intercept_id" in info and tool_calls:
+def _finish_paused(data: dict, kind: str, tool_calls: bool) -> None:
+    """A paused turn ends as the API ends a turn: at its tool calls (chat's
+    `tool_calls`, Anthropic's `tool_use`), else as a natural end (Anthropic's
+    `end_turn`, not InferCept's stop reason as a stop sequence)."""
+    if kind == "chat" and tool_calls:
         _finish_as_tool_calls(data)
-    return "data: " + json.dumps(data)
+    if kind == "messages":
+        target = data.get("delta") if data.get("type") == "message_delta" else data
+        if isinstance(target, dict) and target.get("stop_sequence") == STOP_REASON:
+            target["stop_reason"] = "tool_use" if tool_calls else "end_turn"
+            target["stop_sequence"] = None
+
+
+def _with_info(event: str, info: dict, kind: str, tool_calls: bool) -> str:
+    """A stream's last data event with the `"infercept"` object, finished as a paused turn."""
+    lines = event.split("\n")
+    for i, line in enumerate(lines):
+        if info and line.startswith("data: "):
+            data = json.loads(line[len("data: "):])
+            data["infercept"] = info
+            if "intercept_id" in info:
+                _finish_paused(data, kind, tool_calls)
+            lines[i] = "data: " + json.dumps(data)
+    return "\n".join(lines)
+
+
+def _no_tools(body: dict) -> bool:
+    """`tool_choice` none: OpenAI's "none", Anthropic's {"type": "none"}."""
+    choice = body.get("tool_choice")
+    return choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none")
+
+
+def _anthropic_error(response: Response) -> Response:
+    """InferCept's own errors on /v1/messages in Anthropic's shape, as vLLM's are there."""
+    if response.status_code < 400 or not isinstance(response, JSONResponse):
+        return response
+    body = json.loads(response.body)
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or "code" not in error:  # vLLM's: already Anthropic's
+        return response
+    return JSONResponse({"type": "error", "error": {"type": error.get("type"), "message": error.get("message")}},
+                        status_code=response.status_code)
 
 
 def _headers(response) -> dict:

@@ -128,3 +128,70 @@ def test_published_metrics_follow_each_engines_counters():
     assert sample("infercept:interceptions_total", engine="71") - before["71"] == 1
     assert sample("infercept:intercepted_requests", engine="70", state="preserved") == 3
     assert sample("infercept:idle_device_tokens", engine="71") == 96
+
+
+# ---- Anthropic's Messages API: a turn paused at its tool_use -------------------------------
+
+ANTHROPIC_TOOL_TURN = {
+    "type": "message", "role": "assistant", "stop_reason": "stop_sequence",
+    "stop_sequence": "infercept:intercepted",
+    "content": [{"type": "text", "text": "Let me compute. "},
+                {"type": "tool_use", "id": "toolu-1", "name": "calculator", "input": {"expression": "2+3"}}],
+}
+
+
+def test_a_paused_anthropic_turn_ends_at_its_tool_use_or_as_a_natural_end():
+    from infercept.server import routes
+
+    data = {**ANTHROPIC_TOOL_TURN, "content": list(ANTHROPIC_TOOL_TURN["content"])}
+    assert routes._call_ids(data, "messages") == ["toolu-1"]
+    assert routes._reply(data, "messages") == "Let me compute. "
+    routes._finish_paused(data, "messages", tool_calls=True)
+    assert (data["stop_reason"], data["stop_sequence"]) == ("tool_use", None)
+    without_call = {**ANTHROPIC_TOOL_TURN, "content": [{"type": "text", "text": "Hello."}]}
+    routes._finish_paused(without_call, "messages", tool_calls=False)
+    assert (without_call["stop_reason"], without_call["stop_sequence"]) == ("end_turn", None)
+    # A stop sequence of the user's own is left alone.
+    own = {**ANTHROPIC_TOOL_TURN, "stop_sequence": "END"}
+    routes._finish_paused(own, "messages", tool_calls=True)
+    assert own["stop_reason"] == "stop_sequence"
+
+
+def test_an_anthropic_stream_names_its_tool_use_and_ends_with_the_intercept():
+    from infercept.server import routes
+
+    start = 'event: content_block_start\ndata: {"type": "content_block_start", "index": 1, ' \
+            '"content_block": {"type": "tool_use", "id": "toolu-2", "name": "calculator", "input": {}}}'
+    text = 'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, ' \
+           '"delta": {"type": "text_delta", "text": "Hi"}}'
+    delta = 'event: message_delta\ndata: {"type": "message_delta", "delta": ' \
+            '{"stop_reason": "stop_sequence", "stop_sequence": "infercept:intercepted"}}'
+    assert routes._call_ids(routes._event_data(start), "messages", streamed=True) == ["toolu-2"]
+    assert routes._reply(routes._event_data(text), "messages", streamed=True) == "Hi"
+    assert routes._is_last("event: message_stop\ndata: {}", "messages")
+    assert not routes._is_last(delta, "messages") and routes._is_last("data: [DONE]", "chat")
+    event = routes._with_info(delta, {"intercept_id": "icpt-k", "state": "preserved"}, "messages", True)
+    assert event.startswith("event: message_delta\n")
+    data = routes._event_data(event)
+    assert data["infercept"]["intercept_id"] == "icpt-k"
+    assert (data["delta"]["stop_reason"], data["delta"]["stop_sequence"]) == ("tool_use", None)
+
+
+def test_a_follow_up_is_located_by_its_tool_use_ids_or_its_conversation():
+    from infercept.server import routes
+
+    dp, core = service([0, 1], {1: {"locate": "icpt-k"}})
+    tool_result = {"messages": [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": ANTHROPIC_TOOL_TURN["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu-1", "content": "5"}]}]}
+    assert asyncio.run(routes._follow_up_rank(dp, "messages", tool_result)) == 1
+    assert core.calls[-1][2][0][0] == "toolu-1"
+    # A turn paused without a tool call: named by the conversation up to its reply, the same
+    # digest for a reply sent as a string or as text blocks.
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    blocks = [conversation[0], {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]
+    asyncio.run(routes._follow_up_rank(dp, "messages", {"messages": [*blocks, {"role": "user", "content": "?"}]}))
+    assert core.calls[-1][2][0] == [routes._turn_id(conversation)]
+    asyncio.run(routes._follow_up_rank(dp, "chat", {"messages": [*conversation, {"role": "user", "content": "?"}]}))
+    assert core.calls[-1][2][0] == [routes._turn_id(conversation)]
