@@ -27,13 +27,14 @@ class InterceptEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        """During vLLM's `build_app`: keep vLLM's chat, completion and messages endpoints, add ours."""
+        """During vLLM's `build_app`: keep vLLM's chat, completion, messages and responses endpoints, add ours."""
         from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
         models = {routes.CHAT: ChatCompletionRequest, routes.COMPLETIONS: CompletionRequest,
-                  routes.MESSAGES: AnthropicMessagesRequest}
+                  routes.MESSAGES: AnthropicMessagesRequest, routes.RESPONSES: ResponsesRequest}
         originals = {}
         for route in app.routes:
             if isinstance(route, APIRoute) and route.path in models and "POST" in route.methods:

@@ -41,10 +41,12 @@ router = APIRouter()
 # nginx's code for a request whose client closed the connection; nobody reads the response.
 _CLIENT_CLOSED_REQUEST = 499
 
-COMPLETIONS, CHAT, MESSAGES = "/v1/completions", "/v1/chat/completions", "/v1/messages"
-PATHS = {"completion": COMPLETIONS, "chat": CHAT, "messages": MESSAGES}
-# Conversations (a follow-up sends the whole conversation again): OpenAI's chat, Anthropic's messages.
-CONVERSATIONS = ("chat", "messages")
+COMPLETIONS, CHAT, MESSAGES, RESPONSES = ("/v1/completions", "/v1/chat/completions", "/v1/messages",
+                                          "/v1/responses")
+PATHS = {"completion": COMPLETIONS, "chat": CHAT, "messages": MESSAGES, "responses": RESPONSES}
+# Conversations (a follow-up sends the conversation again, or names the response it
+# continues): OpenAI's chat and Responses, Anthropic's messages.
+CONVERSATIONS = ("chat", "messages", "responses")
 # Response headers of a (non-streamed) response that leaves a paused request.
 INTERCEPT_HEADER, INSTANCE_HEADER = "X-InferCept-Intercept-Id", "X-InferCept-Instance"
 # Request header: pause this chat turn at its end for the conversation's next turn.
@@ -77,6 +79,14 @@ async def create_message(raw_request: Request):
     """Anthropic's Messages API (vLLM's), with interception: a turn that ends in
     `tool_use` pauses, and the follow-up with its `tool_result` resumes it."""
     return _anthropic_error(await _generate(raw_request, "messages"))
+
+
+@router.post(RESPONSES, responses=_GENERATE_RESPONSES)
+async def create_response(raw_request: Request):
+    """OpenAI's Responses API (vLLM's), with interception: a turn that ends in a
+    `function_call` pauses; the follow-up with its `function_call_output` (the
+    input items again, or `previous_response_id`) resumes it."""
+    return await _generate(raw_request, "responses")
 
 
 @router.post("/v1/intercepts/{intercept_id}/resume", responses=_GENERATE_RESPONSES)
@@ -182,7 +192,7 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
     if rank is not None:
         raw_request = _pinned(raw_request, service.engine_index(rank))
     body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), "infercept": json.dumps(spec)}
-    if _may_pause(spec) and not body.get("stop"):
+    if _may_pause(spec) and kind in ("chat", "completion") and not body.get("stop"):
         # vLLM's detokenizer drops the last token of a stopped output (it takes
         # it for EOS); a segment that pauses on a trigger keeps it.
         body.setdefault("include_stop_str_in_output", True)
@@ -290,10 +300,16 @@ class _Segment:
                 while "\n\n" in buffer:
                     event, buffer = buffer.split("\n\n", 1)
                     if _is_last(event, self.kind):
+                        if self.kind == "responses":  # the last event holds the whole response
+                            response = _event_data(event).get("response") or {}
+                            call_ids, reply = _call_ids(response, self.kind), [_reply(response, self.kind)]
                         info = await self.settle(call_ids, "".join(reply))
                         settled = True
+                        if self.kind == "responses":
+                            event = _with_info(event, info, self.kind, bool(call_ids))
                         if held is not None:
-                            yield _with_info(held, info, self.kind, bool(call_ids)) + "\n\n"
+                            yield (held if self.kind == "responses"
+                                   else _with_info(held, info, self.kind, bool(call_ids))) + "\n\n"
                             held = None
                         yield event + "\n\n"
                         continue
@@ -433,6 +449,9 @@ def _tool_call_ids(data: dict, field: str) -> list[str]:
 
 def _call_ids(data: dict, kind: str, streamed: bool = False) -> list[str]:
     """The tool calls' ids in a response (or a stream's event) of this kind."""
+    if kind == "responses":  # the whole response (a stream's is read from its last event)
+        return [item.get("call_id") or "" for item in data.get("output") or ()
+                if isinstance(item, dict) and item.get("type") == "function_call"]
     if kind == "messages":
         blocks = [data.get("content_block") or {}] if streamed else data.get("content") or ()
         return [block.get("id") or "" for block in blocks
@@ -443,6 +462,11 @@ def _call_ids(data: dict, kind: str, streamed: bool = False) -> list[str]:
 def _reply(data: dict, kind: str, streamed: bool = False) -> str:
     """The text a response (or a stream's event) of this kind adds to the reply
     (a chat's first choice)."""
+    if kind == "responses":
+        return "".join(part.get("text") or "" for item in data.get("output") or ()
+                       if isinstance(item, dict) and item.get("type") == "message"
+                       for part in item.get("content") or ()
+                       if isinstance(part, dict) and part.get("type") == "output_text")
     if kind == "messages":
         if streamed:
             delta = data.get("delta") or {}
@@ -466,9 +490,13 @@ def _event_data(event: str) -> dict:
 
 
 def _is_last(event: str, kind: str) -> bool:
-    """The stream's end: OpenAI's `[DONE]`, Anthropic's `message_stop` event."""
+    """The stream's end: OpenAI's `[DONE]`, Anthropic's `message_stop` event, the
+    Responses API's final event (the whole response: completed, incomplete or failed)."""
     if kind == "messages":
         return event.startswith("event: message_stop")
+    if kind == "responses":
+        return event.startswith(("event: response.completed", "event: response.incomplete",
+                                 "event: response.failed"))
     return event.strip() == "data: [DONE]"
 
 
@@ -488,6 +516,12 @@ async def _follow_up_rank(service: InterceptService, kind: str, body: dict) -> i
     """Under data parallelism: the engine holding the paused turn this request
     continues. A chat follow-up answers its tool calls, by id; a completion's
     prompt begins with the paused request's tokens."""
+    if kind == "responses":  # its function calls' ids, in the input items
+        items = body.get("input") if isinstance(body.get("input"), list) else ()
+        call_ids = [item["call_id"] for item in items if isinstance(item, dict)
+                    and item.get("type") in ("function_call", "function_call_output")
+                    and isinstance(item.get("call_id"), str)]
+        return await service.locate(call_ids[-64:], None) if call_ids else None
     if kind in CONVERSATIONS:
         messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
         calls = [call for message in messages if message.get("role") == "assistant"
@@ -543,7 +577,8 @@ def _with_info(event: str, info: dict, kind: str, tool_calls: bool) -> str:
     for i, line in enumerate(lines):
         if info and line.startswith("data: "):
             data = json.loads(line[len("data: "):])
-            data["infercept"] = info
+            # A Responses event carries the response: the info goes where a response's is.
+            (data["response"] if isinstance(data.get("response"), dict) else data)["infercept"] = info
             if "intercept_id" in info:
                 _finish_paused(data, kind, tool_calls)
             lines[i] = "data: " + json.dumps(data)

@@ -195,3 +195,24 @@ def test_a_follow_up_is_located_by_its_tool_use_ids_or_its_conversation():
     assert core.calls[-1][2][0] == [routes._turn_id(conversation)]
     asyncio.run(routes._follow_up_rank(dp, "chat", {"messages": [*conversation, {"role": "user", "content": "?"}]}))
     assert core.calls[-1][2][0] == [routes._turn_id(conversation)]
+
+
+def test_a_responses_turn_is_named_by_its_function_calls():
+    from infercept.server import routes
+
+    response = {"output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "Computing."}]},
+        {"type": "function_call", "call_id": "call-7", "name": "calculator", "arguments": "{}"}]}
+    assert routes._call_ids(response, "responses") == ["call-7"]
+    assert routes._reply(response, "responses") == "Computing."
+    completed = 'event: response.completed\ndata: ' + __import__("json").dumps(
+        {"type": "response.completed", "response": response})
+    assert routes._is_last(completed, "responses")
+    assert not routes._is_last("event: response.output_item.done\ndata: {}", "responses")
+    data = routes._event_data(routes._with_info(completed, {"intercept_id": "icpt-k"}, "responses", True))
+    assert data["response"]["infercept"] == {"intercept_id": "icpt-k"}  # where a response's is
+    dp, core = service([0, 1], {0: {"locate": "icpt-k"}})
+    follow_up = {"input": [{"role": "user", "content": "2+3?"}, response["output"][1],
+                           {"type": "function_call_output", "call_id": "call-7", "output": "5"}]}
+    assert asyncio.run(routes._follow_up_rank(dp, "responses", follow_up)) == 0
+    assert core.calls[-1][2][0] == ["call-7", "call-7"]
