@@ -161,14 +161,10 @@ async def _generate(raw_request: Request, kind: str):
             await service.release(claimed)
         return error.response()
     if kind in CONVERSATIONS and not stock and body.get("tools") and not _no_tools(body):
-        # A turn that may end in a tool call pauses at its end; one that ends
-        # without a call is then cancelled at once (unless every turn pauses).
+        # A turn that may end in tool calls pauses at its end (after all of them);
+        # one that ends without a call is then cancelled at once (unless every
+        # turn pauses). Its text is stock's: a natural stop drops the stop token.
         spec["pause_on_stop"] = True
-        # Pausing on the parser's end token keeps it only where the request can
-        # ask vLLM to (chat's include_stop_str_in_output); messages pause at EOS.
-        end = _tool_call_end(raw_request) if kind == "chat" else None
-        if end:
-            spec["triggers"] = sorted({*spec.get("triggers", ()), end})
     elif pause_turn:
         # The next turn is a person's: the duration estimator learns it as a tool.
         spec["pause_on_stop"] = True
@@ -192,7 +188,8 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
     if rank is not None:
         raw_request = _pinned(raw_request, service.engine_index(rank))
     body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), "infercept": json.dumps(spec)}
-    if _may_pause(spec) and kind in ("chat", "completion") and not body.get("stop"):
+    if (spec.get("triggers") or spec.get("intercept_after")) and kind in ("chat", "completion") \
+            and not body.get("stop"):
         # vLLM's detokenizer drops the last token of a stopped output (it takes
         # it for EOS); a segment that pauses on a trigger keeps it.
         body.setdefault("include_stop_str_in_output", True)
@@ -424,19 +421,6 @@ def _pause_turn(raw_request: Request, extension: InterceptExtension) -> bool:
 
 def _may_pause(spec: dict) -> bool:
     return bool(spec.get("triggers") or spec.get("intercept_after") or spec.get("pause_on_stop"))
-
-
-def _tool_call_end(raw_request: Request) -> str | None:
-    args = raw_request.app.state.args
-    name = getattr(args, "tool_call_parser", None)
-    if not name:
-        return None
-    from vllm.tool_parsers import ToolParserManager
-
-    try:
-        return getattr(ToolParserManager.get_tool_parser(name), "tool_call_end_token", None)
-    except KeyError:
-        return None
 
 
 def _tool_call_ids(data: dict, field: str) -> list[str]:

@@ -554,8 +554,13 @@ def test_llm_and_server_reach_ins():
     # (infercept/server/routes.py _run); vLLM then drops the routes ours replace.
     assert params(completion.create_completion) == ["request", "raw_request"]
     assert params(chat.create_chat_completion) == ["request", "raw_request"]
+    from vllm.entrypoints.anthropic import api_router as messages
+    from vllm.entrypoints.openai.responses import api_router as responses
+
+    assert params(messages.create_messages) == ["request", "raw_request"]
+    assert params(responses.create_responses) == ["request", "raw_request"]
     assert "app.router.routes[:] = routes" in inspect.getsource(attach_endpoint_plugins)
-    # infercept/server/routes.py _tool_call_end and infercept/entrypoints/llm.py _Chat
+    # infercept/entrypoints/llm.py _Chat
     assert ToolParserManager.get_tool_parser("hermes").tool_call_end_token == "</tool_call>"
     # infercept/adapter/profiler.py measure_on_worker
     assert {"num_tokens", "force_attention"} <= set(params(GPUModelRunner._dummy_run))
