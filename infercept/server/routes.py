@@ -9,7 +9,6 @@ add the `"infercept"` object to the response (to the last chunk of a stream).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from infercept.adapter.interception import STOP_REASON
+from infercept.server import payloads
 from infercept.server.metrics import RESUME_LATENCY
 from infercept.server.protocol import (
     ERROR_RESPONSES,
@@ -78,7 +77,7 @@ async def create_chat_completion(request: InterceptChatCompletionRequest, raw_re
 async def create_message(raw_request: Request):
     """Anthropic's Messages API (vLLM's), with interception: a turn that ends in
     `tool_use` pauses, and the follow-up with its `tool_result` resumes it."""
-    return _anthropic_error(await _generate(raw_request, "messages"))
+    return payloads.anthropic_error(await _generate(raw_request, "messages"))
 
 
 @router.post(RESPONSES, responses=_GENERATE_RESPONSES)
@@ -160,7 +159,7 @@ async def _generate(raw_request: Request, kind: str):
         if claimed is not None:
             await service.release(claimed)
         return error.response()
-    if kind in CONVERSATIONS and not stock and body.get("tools") and not _no_tools(body):
+    if kind in CONVERSATIONS and not stock and body.get("tools") and not payloads.no_tools(body):
         # A turn that may end in tool calls pauses at its end (after all of them);
         # one that ends without a call is then cancelled at once (unless every
         # turn pauses). Its text is stock's: a natural stop drops the stop token.
@@ -223,12 +222,12 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         await session.abandon()
         return response
     data = json.loads(response.body)
-    call_ids = _call_ids(data, kind)
-    info = await session.settle(call_ids, _reply(data, kind))
+    call_ids = payloads.call_ids(data, kind)
+    info = await session.settle(call_ids, payloads.reply_text(data, kind))
     if info:
         data["infercept"] = info
     if "intercept_id" in info:
-        _finish_paused(data, kind, bool(call_ids))
+        payloads.finish_paused(data, kind, bool(call_ids))
     headers = _headers(response)
     if "intercept_id" in info:  # where the paused request lives, for a router to stick to
         headers[INTERCEPT_HEADER] = info["intercept_id"]
@@ -282,7 +281,7 @@ class _Segment:
             return info
         if self.kind in CONVERSATIONS and service.data_parallel:
             names = tool_call_ids or (
-                [_turn_id([*self.messages, {"role": "assistant", "content": reply}])]
+                [payloads.turn_id([*self.messages, {"role": "assistant", "content": reply}])]
                 if isinstance(self.messages, list) else [])
             await service.call("bind_calls", self.key, names, rank=rank)
         info.update(intercept_id=service.public_id(self.key, rank), state=admission["state"])
@@ -296,23 +295,24 @@ class _Segment:
                 buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
                 while "\n\n" in buffer:
                     event, buffer = buffer.split("\n\n", 1)
-                    if _is_last(event, self.kind):
+                    if payloads.is_last_event(event, self.kind):
                         if self.kind == "responses":  # the last event holds the whole response
-                            response = _event_data(event).get("response") or {}
-                            call_ids, reply = _call_ids(response, self.kind), [_reply(response, self.kind)]
+                            response = payloads.event_data(event).get("response") or {}
+                            call_ids = payloads.call_ids(response, self.kind)
+                            reply = [payloads.reply_text(response, self.kind)]
                         info = await self.settle(call_ids, "".join(reply))
                         settled = True
                         if self.kind == "responses":
-                            event = _with_info(event, info, self.kind, bool(call_ids))
+                            event = payloads.with_info(event, info, self.kind, bool(call_ids))
                         if held is not None:
                             yield (held if self.kind == "responses"
-                                   else _with_info(held, info, self.kind, bool(call_ids))) + "\n\n"
+                                   else payloads.with_info(held, info, self.kind, bool(call_ids))) + "\n\n"
                             held = None
                         yield event + "\n\n"
                         continue
-                    data = _event_data(event)
-                    call_ids += _call_ids(data, self.kind, streamed=True)
-                    reply.append(_reply(data, self.kind, streamed=True))
+                    data = payloads.event_data(event)
+                    call_ids += payloads.call_ids(data, self.kind, streamed=True)
+                    reply.append(payloads.reply_text(data, self.kind, streamed=True))
                     if held is not None:
                         yield held + "\n\n"
                     held = event
@@ -423,79 +423,6 @@ def _may_pause(spec: dict) -> bool:
     return bool(spec.get("triggers") or spec.get("intercept_after") or spec.get("pause_on_stop"))
 
 
-def _tool_call_ids(data: dict, field: str) -> list[str]:
-    """The ids of the tool calls in a chat response's choices (`field`: "message",
-    or "delta" in a stream's chunk); a call without an id counts, as ""."""
-    return [call.get("id") or ""
-            for choice in data.get("choices", ())
-            for call in (choice.get(field) or {}).get("tool_calls") or ()]
-
-
-def _call_ids(data: dict, kind: str, streamed: bool = False) -> list[str]:
-    """The tool calls' ids in a response (or a stream's event) of this kind."""
-    if kind == "responses":  # the whole response (a stream's is read from its last event)
-        return [item.get("call_id") or "" for item in data.get("output") or ()
-                if isinstance(item, dict) and item.get("type") == "function_call"]
-    if kind == "messages":
-        blocks = [data.get("content_block") or {}] if streamed else data.get("content") or ()
-        return [block.get("id") or "" for block in blocks
-                if isinstance(block, dict) and block.get("type") == "tool_use"]
-    return _tool_call_ids(data, "delta" if streamed else "message")
-
-
-def _reply(data: dict, kind: str, streamed: bool = False) -> str:
-    """The text a response (or a stream's event) of this kind adds to the reply
-    (a chat's first choice)."""
-    if kind == "responses":
-        return "".join(part.get("text") or "" for item in data.get("output") or ()
-                       if isinstance(item, dict) and item.get("type") == "message"
-                       for part in item.get("content") or ()
-                       if isinstance(part, dict) and part.get("type") == "output_text")
-    if kind == "messages":
-        if streamed:
-            delta = data.get("delta") or {}
-            return delta.get("text") or "" if delta.get("type") == "text_delta" else ""
-        return "".join(block.get("text") or "" for block in data.get("content") or ()
-                       if isinstance(block, dict) and block.get("type") == "text")
-    choices = data.get("choices") or [{}]
-    return (choices[0].get("delta" if streamed else "message") or {}).get("content") or ""
-
-
-def _event_data(event: str) -> dict:
-    """A stream event's JSON object (empty for anything else)."""
-    for line in event.split("\n"):
-        if line.startswith("data: "):
-            try:
-                data = json.loads(line[len("data: "):])
-            except ValueError:
-                return {}
-            return data if isinstance(data, dict) else {}
-    return {}
-
-
-def _is_last(event: str, kind: str) -> bool:
-    """The stream's end: OpenAI's `[DONE]`, Anthropic's `message_stop` event, the
-    Responses API's final event (the whole response: completed, incomplete or failed)."""
-    if kind == "messages":
-        return event.startswith("event: message_stop")
-    if kind == "responses":
-        return event.startswith(("event: response.completed", "event: response.incomplete",
-                                 "event: response.failed"))
-    return event.strip() == "data: [DONE]"
-
-
-def _text(content) -> str:
-    if isinstance(content, list):  # content parts
-        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
-
-
-def _turn_id(messages: list[dict]) -> str:
-    """A conversation's name up to its last reply: its roles and texts, digested."""
-    normal = [[m.get("role"), _text(m.get("content"))] for m in messages if isinstance(m, dict)]
-    return "turn:" + hashlib.sha256(json.dumps(normal).encode()).hexdigest()[:32]
-
-
 async def _follow_up_rank(service: InterceptService, kind: str, body: dict) -> int | None:
     """Under data parallelism: the engine holding the paused turn this request
     continues. A chat follow-up answers its tool calls, by id; a completion's
@@ -515,7 +442,7 @@ async def _follow_up_rank(service: InterceptService, kind: str, body: dict) -> i
         call_ids = [call["id"] for call in calls if isinstance(call.get("id"), str)]
         replies = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
         if replies:  # a turn paused without a tool call: named by the conversation up to it
-            call_ids.append(_turn_id(messages[:replies[-1] + 1]))
+            call_ids.append(payloads.turn_id(messages[:replies[-1] + 1]))
         return await service.locate(call_ids[-64:], None) if call_ids else None
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -532,59 +459,6 @@ def _pinned(raw_request: Request, engine_index: int) -> Request:
                if name.lower() != b"x-data-parallel-rank"]
     headers.append((b"x-data-parallel-rank", str(engine_index).encode()))
     return Request({**raw_request.scope, "headers": headers}, raw_request.receive)
-
-
-def _finish_as_tool_calls(data: dict) -> None:
-    """An intercepted chat turn ends in its tool calls, whether chosen or forced."""
-    for choice in data.get("choices", ()):
-        if (choice.get("message") or choice.get("delta") or {}).get("tool_calls") is not None \
-                or choice.get("finish_reason"):
-            choice["finish_reason"] = "tool_calls"
-
-
-def _finish_paused(data: dict, kind: str, tool_calls: bool) -> None:
-    """A paused turn ends as the API ends a turn: at its tool calls (chat's
-    `tool_calls`, Anthropic's `tool_use`), else as a natural end (Anthropic's
-    `end_turn`, not InferCept's stop reason as a stop sequence)."""
-    if kind == "chat" and tool_calls:
-        _finish_as_tool_calls(data)
-    if kind == "messages":
-        target = data.get("delta") if data.get("type") == "message_delta" else data
-        if isinstance(target, dict) and target.get("stop_sequence") == STOP_REASON:
-            target["stop_reason"] = "tool_use" if tool_calls else "end_turn"
-            target["stop_sequence"] = None
-
-
-def _with_info(event: str, info: dict, kind: str, tool_calls: bool) -> str:
-    """A stream's last data event with the `"infercept"` object, finished as a paused turn."""
-    lines = event.split("\n")
-    for i, line in enumerate(lines):
-        if info and line.startswith("data: "):
-            data = json.loads(line[len("data: "):])
-            # A Responses event carries the response: the info goes where a response's is.
-            (data["response"] if isinstance(data.get("response"), dict) else data)["infercept"] = info
-            if "intercept_id" in info:
-                _finish_paused(data, kind, tool_calls)
-            lines[i] = "data: " + json.dumps(data)
-    return "\n".join(lines)
-
-
-def _no_tools(body: dict) -> bool:
-    """`tool_choice` none: OpenAI's "none", Anthropic's {"type": "none"}."""
-    choice = body.get("tool_choice")
-    return choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none")
-
-
-def _anthropic_error(response: Response) -> Response:
-    """InferCept's own errors on /v1/messages in Anthropic's shape, as vLLM's are there."""
-    if response.status_code < 400 or not isinstance(response, JSONResponse):
-        return response
-    body = json.loads(response.body)
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict) or "code" not in error:  # vLLM's: already Anthropic's
-        return response
-    return JSONResponse({"type": "error", "error": {"type": error.get("type"), "message": error.get("message")}},
-                        status_code=response.status_code)
 
 
 def _headers(response) -> dict:

@@ -9,11 +9,13 @@ the real thing.
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY
 
+from infercept.server import payloads, routes
 from infercept.server.metrics import StatsPublisher
 from infercept.server.protocol import InterceptError
 from infercept.server.service import InterceptService, merge_stats
@@ -141,45 +143,39 @@ ANTHROPIC_TOOL_TURN = {
 
 
 def test_a_paused_anthropic_turn_ends_at_its_tool_use_or_as_a_natural_end():
-    from infercept.server import routes
-
     data = {**ANTHROPIC_TOOL_TURN, "content": list(ANTHROPIC_TOOL_TURN["content"])}
-    assert routes._call_ids(data, "messages") == ["toolu-1"]
-    assert routes._reply(data, "messages") == "Let me compute. "
-    routes._finish_paused(data, "messages", tool_calls=True)
+    assert payloads.call_ids(data, "messages") == ["toolu-1"]
+    assert payloads.reply_text(data, "messages") == "Let me compute. "
+    payloads.finish_paused(data, "messages", tool_calls=True)
     assert (data["stop_reason"], data["stop_sequence"]) == ("tool_use", None)
     without_call = {**ANTHROPIC_TOOL_TURN, "content": [{"type": "text", "text": "Hello."}]}
-    routes._finish_paused(without_call, "messages", tool_calls=False)
+    payloads.finish_paused(without_call, "messages", tool_calls=False)
     assert (without_call["stop_reason"], without_call["stop_sequence"]) == ("end_turn", None)
     # A stop sequence of the user's own is left alone.
     own = {**ANTHROPIC_TOOL_TURN, "stop_sequence": "END"}
-    routes._finish_paused(own, "messages", tool_calls=True)
+    payloads.finish_paused(own, "messages", tool_calls=True)
     assert own["stop_reason"] == "stop_sequence"
 
 
 def test_an_anthropic_stream_names_its_tool_use_and_ends_with_the_intercept():
-    from infercept.server import routes
-
     start = 'event: content_block_start\ndata: {"type": "content_block_start", "index": 1, ' \
             '"content_block": {"type": "tool_use", "id": "toolu-2", "name": "calculator", "input": {}}}'
     text = 'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, ' \
            '"delta": {"type": "text_delta", "text": "Hi"}}'
     delta = 'event: message_delta\ndata: {"type": "message_delta", "delta": ' \
             '{"stop_reason": "stop_sequence", "stop_sequence": "infercept:intercepted"}}'
-    assert routes._call_ids(routes._event_data(start), "messages", streamed=True) == ["toolu-2"]
-    assert routes._reply(routes._event_data(text), "messages", streamed=True) == "Hi"
-    assert routes._is_last("event: message_stop\ndata: {}", "messages")
-    assert not routes._is_last(delta, "messages") and routes._is_last("data: [DONE]", "chat")
-    event = routes._with_info(delta, {"intercept_id": "icpt-k", "state": "preserved"}, "messages", True)
+    assert payloads.call_ids(payloads.event_data(start), "messages", streamed=True) == ["toolu-2"]
+    assert payloads.reply_text(payloads.event_data(text), "messages", streamed=True) == "Hi"
+    assert payloads.is_last_event("event: message_stop\ndata: {}", "messages")
+    assert not payloads.is_last_event(delta, "messages") and payloads.is_last_event("data: [DONE]", "chat")
+    event = payloads.with_info(delta, {"intercept_id": "icpt-k", "state": "preserved"}, "messages", True)
     assert event.startswith("event: message_delta\n")
-    data = routes._event_data(event)
+    data = payloads.event_data(event)
     assert data["infercept"]["intercept_id"] == "icpt-k"
     assert (data["delta"]["stop_reason"], data["delta"]["stop_sequence"]) == ("tool_use", None)
 
 
 def test_a_follow_up_is_located_by_its_tool_use_ids_or_its_conversation():
-    from infercept.server import routes
-
     dp, core = service([0, 1], {1: {"locate": "icpt-k"}})
     tool_result = {"messages": [
         {"role": "user", "content": "What is 2+3?"},
@@ -192,24 +188,22 @@ def test_a_follow_up_is_located_by_its_tool_use_ids_or_its_conversation():
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     blocks = [conversation[0], {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]
     asyncio.run(routes._follow_up_rank(dp, "messages", {"messages": [*blocks, {"role": "user", "content": "?"}]}))
-    assert core.calls[-1][2][0] == [routes._turn_id(conversation)]
+    assert core.calls[-1][2][0] == [payloads.turn_id(conversation)]
     asyncio.run(routes._follow_up_rank(dp, "chat", {"messages": [*conversation, {"role": "user", "content": "?"}]}))
-    assert core.calls[-1][2][0] == [routes._turn_id(conversation)]
+    assert core.calls[-1][2][0] == [payloads.turn_id(conversation)]
 
 
 def test_a_responses_turn_is_named_by_its_function_calls():
-    from infercept.server import routes
-
     response = {"output": [
         {"type": "message", "content": [{"type": "output_text", "text": "Computing."}]},
         {"type": "function_call", "call_id": "call-7", "name": "calculator", "arguments": "{}"}]}
-    assert routes._call_ids(response, "responses") == ["call-7"]
-    assert routes._reply(response, "responses") == "Computing."
-    completed = 'event: response.completed\ndata: ' + __import__("json").dumps(
+    assert payloads.call_ids(response, "responses") == ["call-7"]
+    assert payloads.reply_text(response, "responses") == "Computing."
+    completed = 'event: response.completed\ndata: ' + json.dumps(
         {"type": "response.completed", "response": response})
-    assert routes._is_last(completed, "responses")
-    assert not routes._is_last("event: response.output_item.done\ndata: {}", "responses")
-    data = routes._event_data(routes._with_info(completed, {"intercept_id": "icpt-k"}, "responses", True))
+    assert payloads.is_last_event(completed, "responses")
+    assert not payloads.is_last_event("event: response.output_item.done\ndata: {}", "responses")
+    data = payloads.event_data(payloads.with_info(completed, {"intercept_id": "icpt-k"}, "responses", True))
     assert data["response"]["infercept"] == {"intercept_id": "icpt-k"}  # where a response's is
     dp, core = service([0, 1], {0: {"locate": "icpt-k"}})
     follow_up = {"input": [{"role": "user", "content": "2+3?"}, response["output"][1],
