@@ -84,7 +84,8 @@ async def create_message(raw_request: Request):
 async def create_response(raw_request: Request):
     """OpenAI's Responses API (vLLM's), with interception: a turn that ends in a
     `function_call` pauses; the follow-up with its `function_call_output` (the
-    input items again, or `previous_response_id`) resumes it."""
+    input items sent again) resumes it. One by `previous_response_id` does not:
+    vLLM rebuilds that conversation without the previous function calls."""
     return await _generate(raw_request, "responses")
 
 
@@ -137,7 +138,7 @@ async def no_such_intercept_route(path: str):
     return error_response(HTTPStatus.NOT_FOUND, f"no intercept route {path!r}", "intercept_id")
 
 
-# ---- chat and completions --------------------------------------------------
+# ---- completions and conversations ------------------------------------------
 
 
 async def _generate(raw_request: Request, kind: str):
@@ -145,6 +146,10 @@ async def _generate(raw_request: Request, kind: str):
     try:
         body = await _json_body(raw_request)
         extension = InterceptExtension.model_validate(body.pop("infercept", None) or {})
+        # A conversation's turn may pause at its end (never under the stock policy).
+        converse = kind in CONVERSATIONS and getattr(raw_request.app.state.args, "intercept_policy",
+                                                     None) != "vllm"
+        pause_turn = converse and _pause_turn(raw_request, extension)
         claimed = await service.claim(extension.resume) if extension.resume else None
     except ValidationError as error:
         return error_response(HTTPStatus.BAD_REQUEST, "infercept: " + validation_message(error),
@@ -152,14 +157,7 @@ async def _generate(raw_request: Request, kind: str):
     except InterceptError as error:
         return error.response()
     spec = _spec(extension, service.new_key(), resume=claimed and claimed.key, auto_resume=True)
-    stock = getattr(raw_request.app.state.args, "intercept_policy", None) == "vllm"
-    try:
-        pause_turn = kind in CONVERSATIONS and not stock and _pause_turn(raw_request, extension)
-    except InterceptError as error:
-        if claimed is not None:
-            await service.release(claimed)
-        return error.response()
-    if kind in CONVERSATIONS and not stock and body.get("tools") and not payloads.no_tools(body):
+    if converse and body.get("tools") and not payloads.no_tools(body):
         # A turn that may end in tool calls pauses at its end (after all of them);
         # one that ends without a call is then cancelled at once (unless every
         # turn pauses). Its text is stock's: a natural stop drops the stop token.
