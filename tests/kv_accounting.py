@@ -39,3 +39,9 @@ def assert_all_free(llm) -> None:
     assert free_device_blocks(llm) == total_device_blocks(llm)
     free_cpu, total_cpu = free_cpu_blocks(llm)
     assert free_cpu == total_cpu
+
+
+def own_device_blocks(llm, request_id: str) -> int:
+    """The request's device blocks that no other request holds (what vLLM frees)."""
+    [manager] = scheduler_of(llm).kv_cache_manager.coordinator.single_type_managers
+    return sum(block.ref_cnt == 1 for block in manager.req_to_blocks.get(request_id, ()))

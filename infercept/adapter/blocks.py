@@ -44,6 +44,26 @@ def transfer(kv_cache_manager, old_request_id: str, new_request_id: str) -> int:
     return moved
 
 
+def num_shared_blocks(kv_cache_manager, request_id: str) -> int:
+    """How many of the request's first blocks other requests hold too (ref_cnt > 1).
+
+    Blocks are shared through the prefix cache, so whoever holds a request's
+    block i holds its blocks before i too: ref counts do not grow along a
+    request's blocks, and the shared run is found by bisection, O(log blocks).
+    Freeing the request would not free these blocks.
+    """
+    [manager] = kv_cache_manager.coordinator.single_type_managers
+    req_blocks = manager.req_to_blocks.get(request_id, ())
+    low, high = 0, len(req_blocks)
+    while low < high:
+        mid = (low + high) // 2
+        if req_blocks[mid].ref_cnt > 1:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
 def block_ids(kv_cache_manager, request_id: str) -> list[int]:
     """The request's device block ids (the single KV cache group)."""
     return list(kv_cache_manager.get_block_ids(request_id)[0])

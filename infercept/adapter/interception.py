@@ -161,6 +161,10 @@ class Interception:
     location: Location = Location.DEVICE
     # Swapped out, but the save still reads its device blocks (not yet freed).
     saving: bool = False
+    # Its first tokens' blocks are held by other requests too (a shared system
+    # prompt): they stay resident, and a swap-out does not copy them. Updated
+    # every step while it is preserved; fixed by a swap-out.
+    shared_tokens: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     predicted_duration_s: float | None = None
@@ -181,6 +185,7 @@ class Interception:
             "context_tokens": self.context_tokens,
             "prompt_tokens": self.prompt_tokens,
             "kv_tokens": self.num_kv_tokens,
+            "shared_kv_tokens": self.shared_tokens,
             "tool": self.spec.tool,
             "age_s": now_s - self.paused_at_s,
             "history": list(self.history),
@@ -203,6 +208,11 @@ class Interception:
     @property
     def context_tokens(self) -> int:
         return self.request.num_tokens
+
+    @property
+    def own_kv_tokens(self) -> int:
+        """KV tokens in blocks only it holds: the memory it costs where it is."""
+        return self.num_kv_tokens - self.shared_tokens
 
     @property
     def generated_tokens(self) -> int:

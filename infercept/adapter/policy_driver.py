@@ -90,15 +90,23 @@ class PolicyDriver:
     def _view(self, paused: "Interception", now: float) -> Intercepted:
         tool, hint = paused.spec.tool, paused.spec.expected_duration_s
         elapsed_s = now - paused.paused_at_s
+        if paused.location is Location.DEVICE:
+            paused.shared_tokens = self._shared_tokens(paused)
         return Intercepted(
             request_id=paused.request_id,
             context_tokens=paused.num_kv_tokens,
+            shared_tokens=paused.shared_tokens,
             location=paused.location,
             elapsed_s=elapsed_s,
             remaining_s=self.estimator.remaining_s(tool, elapsed_s, hint),
             arrival_s=paused.request.arrival_time,
             ttl_s=self.estimator.ttl_s(tool),
         )
+
+    def _shared_tokens(self, paused: "Interception") -> int:
+        """KV tokens of its first blocks that other requests hold too (whole blocks)."""
+        shared = blocks.num_shared_blocks(self.scheduler.kv_cache_manager, paused.request_id)
+        return min(shared, paused.num_kv_tokens // self.block_size) * self.block_size
 
     def _batch_state(self) -> BatchState:
         s, block_size = self.scheduler, self.block_size
@@ -119,7 +127,7 @@ class PolicyDriver:
         free_tokens = s.kv_cache_manager.block_pool.get_num_free_blocks() * block_size
         # Blocks a save still reads are not free, but come free within a step or two:
         # the demand they will meet is not pressure to evict more.
-        arriving_tokens = sum(-(-p.num_kv_tokens // block_size) * block_size
+        arriving_tokens = sum(-(-p.own_kv_tokens // block_size) * block_size
                               for p in s.intercepts.values() if p.saving)
         return BatchState(
             running_context_tokens=running_tokens,
@@ -133,11 +141,13 @@ class PolicyDriver:
     def _apply(self, paused: "Interception", action: Action) -> None:
         s, request = self.scheduler, paused.request
         if action is Action.SWAP_OUT:
-            if self.swap is None or not self.swap.can_swap_out(paused.num_kv_tokens):
+            # Blocks other requests hold stay resident: only its own are copied.
+            shared_blocks = paused.shared_tokens // self.block_size
+            if self.swap is None or not self.swap.can_swap_out(paused.num_kv_tokens, shared_blocks):
                 action = Action.DISCARD
             else:
                 ids = blocks.block_ids(s.kv_cache_manager, request.request_id)
-                self.swap.swap_out(request.request_id, ids, paused.num_kv_tokens)
+                self.swap.swap_out(request.request_id, ids, paused.num_kv_tokens, shared_blocks)
                 paused.location = Location.CPU
                 paused.saving = True
                 if self.free_blocks_at_queue:
@@ -150,6 +160,7 @@ class PolicyDriver:
                 self.swap.release(request.request_id)
             request.num_computed_tokens = 0
             paused.location = Location.NONE
+            paused.shared_tokens = 0
         elif action is Action.SWAP_IN:
             self._prefetch(paused)
 
@@ -177,16 +188,28 @@ class PolicyDriver:
         return handled
 
     def _prefetch(self, paused: "Interception") -> None:
-        """Bring a swapped request's KV back before its tool returns."""
+        """Bring a swapped request's KV back before its tool returns.
+
+        What the prefix cache still holds (the shared blocks its copy left out, its
+        own blocks not yet reused) is taken from there; the copy fills the rest.
+        Without the shared blocks there is nothing to prefetch onto: it stays
+        swapped, and its resume recomputes from where the cache stops.
+        """
         s, request = self.scheduler, paused.request
+        kv = s.kv_cache_manager
         num_tokens = self.swap.num_swapped_tokens(request.request_id)
-        allocated = s.kv_cache_manager.allocate_slots(
-            request, num_tokens, delay_cache_blocks=True, has_scheduled_reqs=bool(s.running)
+        cached, hit_tokens, _ = kv.get_computed_blocks(request)
+        if hit_tokens < self.swap.num_uncopied_tokens(request.request_id):
+            return
+        allocated = kv.allocate_slots(
+            request, max(0, num_tokens - hit_tokens), num_new_computed_tokens=hit_tokens,
+            new_computed_blocks=cached, delay_cache_blocks=True,
+            has_scheduled_reqs=bool(s.running),
         )
         if allocated is None:
             return
-        self.swap.prefetch(request.request_id, blocks.block_ids(s.kv_cache_manager, request.request_id))
-        request.num_computed_tokens = num_tokens
+        request.num_computed_tokens = self.swap.prefetch(
+            request.request_id, blocks.block_ids(kv, request.request_id), hit_tokens)
         paused.location = Location.DEVICE
 
     def _record(self, paused: "Interception", decision, now: float) -> None:
@@ -250,8 +273,8 @@ class PolicyDriver:
         self.stats.tokens_reused += reused_tokens
 
     def idle_device_tokens(self) -> int:
-        """KV tokens held on the device by paused requests (memory left idle)."""
-        return sum(p.num_kv_tokens for p in self.scheduler.intercepts.values()
+        """KV tokens held on the device by paused requests alone (memory left idle)."""
+        return sum(p.own_kv_tokens for p in self.scheduler.intercepts.values()
                    if p.location is Location.DEVICE or p.saving)
 
     def has_pending_work(self) -> bool:

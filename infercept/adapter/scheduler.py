@@ -319,11 +319,17 @@ class InterceptSchedulerMixin:
             # A step still in flight may write these blocks: vLLM's fence follows them.
             request.last_sched_seq = old.last_sched_seq
         elif paused.location is Location.CPU:
-            reused = min(reusable, self.policy_driver.swap.num_swapped_tokens(old.request_id))
-            self.policy_driver.swap.rekey(old.request_id, request.request_id, reusable)
+            swap = self.policy_driver.swap
+            reused = min(reusable, swap.num_swapped_tokens(old.request_id))
+            uncopied = swap.num_uncopied_tokens(old.request_id)
+            if uncopied and self.kv_cache_manager.get_computed_blocks(request)[1] < uncopied:
+                reused = 0  # the shared prefix its copy left out is gone: recomputed
+            swap.rekey(old.request_id, request.request_id, reusable)
         else:
             reused = 0  # whatever the prefix cache still holds
-        if reused < reusable:  # KV it had, computed again
+        if reused < reusable or (paused.location is Location.CPU and paused.shared_tokens):
+            # KV it had, computed again (a copy's shared prefix may yet be evicted
+            # before it is scheduled: the count at scheduling is exact).
             self._recompute_marks[request.request_id] = reusable
         self._records[request.request_id] = self._records.pop(old.request_id, []) + [
             paused.record(self.clock(), reused)

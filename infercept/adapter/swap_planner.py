@@ -20,8 +20,13 @@ from infercept.swap.allocator import CpuBlockAllocator
 
 @dataclass
 class SwappedKV:
+    """A paused request's CPU copy of its first `num_tokens` tokens, without its first
+    `first_block` blocks: those were shared with other requests when it was swapped
+    out, and come back through the prefix cache (or the copy is let go)."""
+
     cpu_block_ids: list[int]
     num_tokens: int
+    first_block: int = 0
 
 
 def _num_blocks(num_tokens: int, block_size: int) -> int:
@@ -57,11 +62,19 @@ class SwapPlanner:
         swapped = self._swapped.get(key)
         return swapped.num_tokens if swapped else 0
 
-    def can_swap_out(self, num_tokens: int) -> bool:
-        return self.allocator.can_allocate(_num_blocks(num_tokens, self.block_size))
+    def num_uncopied_tokens(self, key: str) -> int:
+        """Tokens at the front of `key`'s KV that its CPU copy leaves to the prefix cache."""
+        swapped = self._swapped.get(key)
+        return swapped.first_block * self.block_size if swapped else 0
 
-    def swap_out(self, key: str, device_block_ids: list[int], num_tokens: int) -> None:
-        """Copy the first `num_tokens` tokens' blocks to CPU, from this step on.
+    def can_swap_out(self, num_tokens: int, first_block: int = 0) -> bool:
+        return self.allocator.can_allocate(_num_blocks(num_tokens, self.block_size) - first_block)
+
+    def swap_out(self, key: str, device_block_ids: list[int], num_tokens: int,
+                 first_block: int = 0) -> None:
+        """Copy the blocks of the first `num_tokens` tokens to CPU, from block
+        `first_block` on (the blocks before it are shared and stay resident), from
+        this step on.
 
         The caller keeps the device blocks until `save_done(key)`: the copy may
         run alongside this and later steps' forward passes.
@@ -69,12 +82,14 @@ class SwapPlanner:
         if key in self._swapped or key in self._saving:
             raise RuntimeError(f"{key} is already swapped out")
         num_blocks = _num_blocks(num_tokens, self.block_size)
-        cpu_block_ids = self.allocator.allocate(num_blocks)
+        if not 0 <= first_block <= num_blocks:
+            raise ValueError(f"first_block {first_block} outside 0..{num_blocks}")
+        cpu_block_ids = self.allocator.allocate(num_blocks - first_block)
         self._step.saves.append(
-            BlockCopies(list(device_block_ids[:num_blocks]), cpu_block_ids, tag=key))
-        self._swapped[key] = SwappedKV(cpu_block_ids, num_tokens)
+            BlockCopies(list(device_block_ids[first_block:num_blocks]), cpu_block_ids, tag=key))
+        self._swapped[key] = SwappedKV(cpu_block_ids, num_tokens, first_block)
         self._saving[key] = []
-        self.bytes_swapped_out += num_blocks * self.block_bytes
+        self.bytes_swapped_out += len(cpu_block_ids) * self.block_bytes
 
     def is_saving(self, key: str) -> bool:
         """Whether a save of `key`'s blocks is queued and not yet reported done."""
@@ -103,8 +118,12 @@ class SwapPlanner:
         self._swapped[new_key] = swapped
 
     def num_loadable_tokens(self, key: str, num_computed_tokens: int) -> int:
+        """Tokens of `key`'s copy to load after a local prefix-cache hit of
+        `num_computed_tokens`; 0 when the hit stops short of the copy (the shared
+        blocks it left on the device were evicted meanwhile): vLLM's computed
+        tokens are a prefix, so the request recomputes from the hit instead."""
         swapped = self._swapped.get(key)
-        if swapped is None:
+        if swapped is None or num_computed_tokens < swapped.first_block * self.block_size:
             return 0
         self._local_hits[key] = num_computed_tokens
         return max(0, swapped.num_tokens - num_computed_tokens)
@@ -116,20 +135,28 @@ class SwapPlanner:
         first = start_tokens // self.block_size  # local hits are whole blocks
         full = (start_tokens + num_tokens) // self.block_size
         last = _num_blocks(start_tokens + num_tokens, self.block_size)
+        if first < swapped.first_block:
+            raise RuntimeError(f"{key}: loading from block {first}, its copy starts at "
+                               f"{swapped.first_block}")
+        offset = swapped.first_block  # the copy's first CPU block holds this device block
         cpu, device = swapped.cpu_block_ids, list(device_block_ids)
         if full > first:
-            self._step.loads.append(BlockCopies(cpu[first:full], device[first:full]))
+            self._step.loads.append(
+                BlockCopies(cpu[first - offset:full - offset], device[first:full]))
         if last > full:  # a partly filled block, which the step also writes
-            self._step.tail_loads.append(BlockCopies(cpu[full:last], device[full:last]))
+            self._step.tail_loads.append(
+                BlockCopies(cpu[full - offset:last - offset], device[full:last]))
         self.bytes_swapped_in += (last - first) * self.block_bytes
         self._free_after_step.extend(swapped.cpu_block_ids)
 
-    def prefetch(self, key: str, device_block_ids: list[int]) -> int:
-        """Load a paused request's whole CPU copy into `device_block_ids` now."""
+    def prefetch(self, key: str, device_block_ids: list[int], num_computed_tokens: int = 0) -> int:
+        """Load a paused request's CPU copy into `device_block_ids` now, after the
+        `num_computed_tokens` that the prefix cache gave back; returns the tokens
+        its blocks then hold."""
         swapped = self._swapped[key]
-        self._local_hits[key] = 0
-        self.plan_load(key, device_block_ids, swapped.num_tokens)
-        return swapped.num_tokens
+        self._local_hits[key] = num_computed_tokens
+        self.plan_load(key, device_block_ids, max(0, swapped.num_tokens - num_computed_tokens))
+        return max(swapped.num_tokens, num_computed_tokens)
 
     def release(self, key: str) -> None:
         """Forget a request's CPU copy (finished, aborted or discarded)."""

@@ -12,6 +12,8 @@ Shared rules:
   released by a transfer is reused from the next iteration on.
 - Memory pressure (``batch.device_tokens_needed > 0``): preserved requests are evicted
   until that many device tokens are freed, or none is left to evict.
+- Memory, transfers and recomputation are counted in each request's own tokens
+  (``Intercepted.own_tokens``): a prefix it shares with other requests stays resident.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class _Assessed:
         return self.request.request_id
 
     @property
-    def context_tokens(self) -> int:
-        return self.request.context_tokens
+    def own_tokens(self) -> int:
+        """The memory it holds, frees or moves (shared prefix blocks excluded)."""
+        return self.request.own_tokens
 
     @property
     def location(self) -> Location:
@@ -69,11 +72,11 @@ class _Room:
     cpu_tokens: int
     device_tokens: int
 
-    def hide_swap(self, context_tokens: int) -> bool:
+    def hide_swap(self, tokens: int) -> bool:
         """Spend swap budget on a transfer if it fits; True when it is hidden."""
-        if context_tokens > self.swap_tokens:
+        if tokens > self.swap_tokens:
             return False
-        self.swap_tokens -= context_tokens
+        self.swap_tokens -= tokens
         return True
 
 
@@ -90,10 +93,10 @@ def _assess(intercepted: Sequence[Intercepted], batch: BatchState,
     chunk_tokens = recompute_chunk_tokens(cost, batch.batch_tokens)
     others = batch.running_context_tokens
     return [_Assessed(request=r,
-                      waste_preserve=waste_preserve(r.context_tokens, r.remaining_s),
-                      waste_discard=waste_chunked_discard(cost, r.context_tokens, others,
+                      waste_preserve=waste_preserve(r.own_tokens, r.remaining_s),
+                      waste_discard=waste_chunked_discard(cost, r.own_tokens, others,
                                                           chunk_tokens),
-                      waste_swap=waste_swap(cost, r.context_tokens, others))
+                      waste_swap=waste_swap(cost, r.own_tokens, others))
             for r in sorted(intercepted, key=lambda r: r.order_key)]
 
 
@@ -115,12 +118,13 @@ def _build_plan(assessed: list[_Assessed], choices: _Choices) -> Plan:
                                   waste_discard=a.waste_discard,
                                   waste_swap=0.0 if hidden else a.waste_swap,
                                   reason=reason, location=a.location,
-                                  context_tokens=a.context_tokens))
+                                  context_tokens=a.request.context_tokens,
+                                  own_tokens=a.own_tokens))
     return Plan(tuple(decisions))
 
 
 def _freed_device_tokens(assessed: list[_Assessed], choices: _Choices) -> int:
-    return sum(a.context_tokens for a in assessed
+    return sum(a.own_tokens for a in assessed
                if a.location is Location.DEVICE and a.request_id in choices
                and choices[a.request_id][0] is not Action.PRESERVE)
 
@@ -136,14 +140,14 @@ def _relieve_pressure(assessed: list[_Assessed], choices: _Choices, needed_token
     if freed_tokens >= needed_tokens:
         return
     preserved = [a for a in assessed if a.location is Location.DEVICE
-                 and a.context_tokens > 0
+                 and a.own_tokens > 0
                  and choices.get(a.request_id, (Action.PRESERVE,))[0] is Action.PRESERVE]
     for a in sorted(preserved, key=order, reverse=reverse):
         if freed_tokens >= needed_tokens:
             break
         action, hidden = evict(a)
         choices[a.request_id] = (action, EVICTED, hidden)
-        freed_tokens += a.context_tokens
+        freed_tokens += a.own_tokens
 
 
 def _fcfs(a: _Assessed) -> tuple[float, str]:
@@ -199,27 +203,27 @@ class MinWastePolicy:
                     (Action.PRESERVE, "preserve wastes no more than chunked discard", False))
 
         def evict(a: _Assessed) -> tuple[Action, bool]:
-            if a.context_tokens <= room.cpu_tokens and room.hide_swap(a.context_tokens):
-                room.cpu_tokens -= a.context_tokens
+            if a.own_tokens <= room.cpu_tokens and room.hide_swap(a.own_tokens):
+                room.cpu_tokens -= a.own_tokens
                 return Action.SWAP_OUT, True
             return Action.DISCARD, False
 
         _relieve_pressure(assessed, choices, batch.device_tokens_needed, evict=evict,
                           order=lambda a: ((a.waste_discard - a.waste_preserve)
-                                           / a.context_tokens, a.request.order_key))
+                                           / a.own_tokens, a.request.order_key))
         return _build_plan(assessed, choices)
 
     @staticmethod
     def _resumes_soon(a: _Assessed, cost: CostModel, iteration_s: float) -> bool:
-        return a.request.remaining_s <= cost.swap_s(a.context_tokens) + iteration_s
+        return a.request.remaining_s <= cost.swap_s(a.own_tokens) + iteration_s
 
     def _prefetch(self, assessed: list[_Assessed], cost: CostModel, iteration_s: float,
                   room: _Room, choices: _Choices) -> None:
         soon = [a for a in assessed if a.location is Location.CPU
                 and self._resumes_soon(a, cost, iteration_s)]
         for a in sorted(soon, key=lambda a: (a.request.remaining_s, a.request.order_key)):
-            if a.context_tokens <= room.device_tokens and room.hide_swap(a.context_tokens):
-                room.device_tokens -= a.context_tokens
+            if a.own_tokens <= room.device_tokens and room.hide_swap(a.own_tokens):
+                room.device_tokens -= a.own_tokens
                 choices[a.request_id] = (Action.SWAP_IN, "prefetch: resumes within its "
                                          "swap-in time", True)
 
@@ -230,16 +234,16 @@ class MinWastePolicy:
                          key=lambda a: (a.waste_discard, a.request.order_key))
         victim_tokens, victim_waste = [0], [0.0]
         for v in victims:
-            victim_tokens.append(victim_tokens[-1] + v.context_tokens)
+            victim_tokens.append(victim_tokens[-1] + v.own_tokens)
             victim_waste.append(victim_waste[-1] + v.waste_discard)
         next_victim = 0
         candidates = [a for a in assessed if a.location is Location.DEVICE
                       and not self._resumes_soon(a, cost, iteration_s)]
         for a in sorted(candidates, key=lambda a: (-a.min_waste, a.request.order_key)):
-            if a.context_tokens > room.swap_tokens:
+            if a.own_tokens > room.swap_tokens:
                 continue
-            if a.context_tokens > room.cpu_tokens:
-                short_tokens = a.context_tokens - room.cpu_tokens
+            if a.own_tokens > room.cpu_tokens:
+                short_tokens = a.own_tokens - room.cpu_tokens
                 end = bisect.bisect_left(victim_tokens,
                                          victim_tokens[next_victim] + short_tokens)
                 if end == len(victim_tokens):
@@ -251,8 +255,8 @@ class MinWastePolicy:
                                              "swap-out", False)
                 room.cpu_tokens += victim_tokens[end] - victim_tokens[next_victim]
                 next_victim = end
-            room.hide_swap(a.context_tokens)
-            room.cpu_tokens -= a.context_tokens
+            room.hide_swap(a.own_tokens)
+            room.cpu_tokens -= a.own_tokens
             choices[a.request_id] = (Action.SWAP_OUT, "swap hides under the forward pass",
                                      True)
 
@@ -271,9 +275,9 @@ class PreservePolicy:
         choices: _Choices = {}
 
         def evict(a: _Assessed) -> tuple[Action, bool]:
-            if a.context_tokens <= room.cpu_tokens:
-                room.cpu_tokens -= a.context_tokens
-                return Action.SWAP_OUT, room.hide_swap(a.context_tokens)
+            if a.own_tokens <= room.cpu_tokens:
+                room.cpu_tokens -= a.own_tokens
+                return Action.SWAP_OUT, room.hide_swap(a.own_tokens)
             return Action.DISCARD, False
 
         _relieve_pressure(assessed, choices, batch.device_tokens_needed,
@@ -309,10 +313,10 @@ class SwapPolicy:
         for a in assessed:
             if a.location is not Location.DEVICE:
                 continue
-            if a.context_tokens <= room.cpu_tokens:
-                room.cpu_tokens -= a.context_tokens
+            if a.own_tokens <= room.cpu_tokens:
+                room.cpu_tokens -= a.own_tokens
                 choices[a.request_id] = (Action.SWAP_OUT, "swap policy",
-                                         room.hide_swap(a.context_tokens))
+                                         room.hide_swap(a.own_tokens))
             else:
                 choices[a.request_id] = (Action.DISCARD, "swap policy: CPU full", False)
         return _build_plan(assessed, choices)

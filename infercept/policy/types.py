@@ -84,6 +84,11 @@ class Intercepted:
     ``remaining_s`` is the estimator's expected remaining interception time.
     ``arrival_s`` is the request's first arrival; with ``request_id`` it breaks ties.
     ``ttl_s`` is only read by the "ttl" policy (None: no time-to-live known yet).
+    ``shared_tokens`` are the first of its ``context_tokens`` whose blocks other requests
+    hold too (a common system prompt, through the prefix cache): they stay resident
+    whatever is done with this request, so every figure of memory (what preserve keeps
+    idle, what swap or discard frees, what a swap copies or a recompute forwards) counts
+    only ``own_tokens``.
     """
 
     request_id: str
@@ -93,14 +98,24 @@ class Intercepted:
     remaining_s: float
     arrival_s: float
     ttl_s: float | None = None
+    shared_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_non_negative("Intercepted", context_tokens=self.context_tokens,
-                            elapsed_s=self.elapsed_s, remaining_s=self.remaining_s)
+                            elapsed_s=self.elapsed_s, remaining_s=self.remaining_s,
+                            shared_tokens=self.shared_tokens)
         _check_finite("Intercepted", elapsed_s=self.elapsed_s, remaining_s=self.remaining_s,
                       arrival_s=self.arrival_s)
         if self.ttl_s is not None:
             _check_non_negative("Intercepted", ttl_s=self.ttl_s)
+        if self.shared_tokens > self.context_tokens:
+            raise ValueError(f"Intercepted.shared_tokens ({self.shared_tokens}) exceeds "
+                             f"context_tokens ({self.context_tokens})")
+
+    @property
+    def own_tokens(self) -> int:
+        """Tokens in blocks only this request holds: the memory its KV costs."""
+        return self.context_tokens - self.shared_tokens
 
     @property
     def order_key(self) -> tuple[float, str]:
@@ -140,7 +155,7 @@ class Decision:
 
     waste_discard is the chunked-recompute waste (WasteChunkD); waste_swap is 0 when the
     transfer hides under the iteration's forward pass. ``location`` is where the KV was
-    before the action.
+    before the action; ``own_tokens`` what the action moves or frees (``Intercepted``).
     """
 
     request_id: str
@@ -151,6 +166,7 @@ class Decision:
     reason: str
     location: Location
     context_tokens: int
+    own_tokens: int
 
     def __post_init__(self) -> None:
         location_after(self.location, self.action)
@@ -177,8 +193,8 @@ class Plan:
         raise KeyError(request_id)
 
     def tokens(self, action: Action) -> int:
-        """Context tokens of the requests given ``action``."""
-        return sum(d.context_tokens for d in self.decisions if d.action is action)
+        """Own tokens (``Intercepted.own_tokens``) of the requests given ``action``."""
+        return sum(d.own_tokens for d in self.decisions if d.action is action)
 
     @property
     def swap_out_tokens(self) -> int:
@@ -196,12 +212,12 @@ class Plan:
     @property
     def freed_device_tokens(self) -> int:
         """Device tokens released by SWAP_OUT and DISCARD of device-resident requests."""
-        return sum(d.context_tokens for d in self.decisions
+        return sum(d.own_tokens for d in self.decisions
                    if d.location is Location.DEVICE and d.action is not Action.PRESERVE)
 
     @property
     def freed_cpu_tokens(self) -> int:
         """CPU tokens released at once by DISCARD of swapped requests (a SWAP_IN releases
         its CPU copy only after the transfer, so policies do not reuse it this iteration)."""
-        return sum(d.context_tokens for d in self.decisions
+        return sum(d.own_tokens for d in self.decisions
                    if d.location is Location.CPU and d.action is Action.DISCARD)

@@ -29,10 +29,10 @@ PAPER = make_policy("min-waste-paper")
 
 def req(request_id: str, context_tokens: int, remaining_s: float, arrival_s: float = 0.0,
         location: Location = Location.DEVICE, elapsed_s: float = 1.0,
-        ttl_s: float | None = None) -> Intercepted:
+        ttl_s: float | None = None, shared_tokens: int = 0) -> Intercepted:
     return Intercepted(request_id=request_id, context_tokens=context_tokens,
                        location=location, elapsed_s=elapsed_s, remaining_s=remaining_s,
-                       arrival_s=arrival_s, ttl_s=ttl_s)
+                       arrival_s=arrival_s, ttl_s=ttl_s, shared_tokens=shared_tokens)
 
 
 def batch(free_cpu_tokens: int = 50_000, free_device_tokens: int = 0,
@@ -235,9 +235,39 @@ def test_invalid_inputs_are_rejected():
         BatchState(running_context_tokens=0, batch_tokens=-1, free_device_tokens=0,
                    free_cpu_tokens=0)
     with pytest.raises(ValueError):
-        Decision("a", Action.SWAP_IN, 0.0, 0.0, 0.0, "", Location.DEVICE, 10)
+        Decision("a", Action.SWAP_IN, 0.0, 0.0, 0.0, "", Location.DEVICE, 10, 10)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("lru")
+
+
+def test_a_shared_prefix_costs_nothing_to_keep_move_or_free():
+    # 1500 tokens of context, 1000 of them a system prompt other requests hold too: every
+    # waste is the 500-token request's (WP = 10 s * 500; WasteChunkD at C=500 above).
+    shared = req("a", 1500, 10.0, shared_tokens=1000)
+    [decision] = MIN_WASTE.plan([shared], batch(), COST).decisions
+    assert (decision.context_tokens, decision.own_tokens) == (1500, 500)
+    assert decision.waste_preserve == 5000.0
+    assert decision.waste_discard == 6184.5703125
+    # CPU space for its own 500 tokens is enough to swap it (1500 would not fit).
+    swap = make_policy("swap").plan([shared], batch(free_cpu_tokens=600), COST)
+    assert actions(swap) == {"a": Action.SWAP_OUT} and swap.swap_out_tokens == 500
+    # Under pressure, swapping or discarding it frees only its own 500 tokens: relieving
+    # 600 tokens takes the next request too.
+    plan = make_policy("preserve").plan(
+        [shared, req("b", 200, 10.0, arrival_s=-1.0)],
+        batch(free_cpu_tokens=0, device_tokens_needed=600), COST)
+    assert actions(plan) == {"a": Action.DISCARD, "b": Action.DISCARD}
+    assert plan.freed_device_tokens == 700
+
+
+def test_a_request_all_shared_frees_nothing():
+    # Its whole context is held by others: evicting it would free no memory.
+    plan = make_policy("preserve").plan(
+        [req("a", 1000, 10.0, shared_tokens=1000), req("b", 300, 10.0, arrival_s=-1.0)],
+        batch(free_cpu_tokens=0, device_tokens_needed=200), COST)
+    assert actions(plan) == {"a": Action.PRESERVE, "b": Action.DISCARD}
+    with pytest.raises(ValueError, match="shared_tokens"):
+        req("c", 10, 1.0, shared_tokens=11)
 
 
 def test_registry_names():

@@ -34,23 +34,30 @@ batches = st.builds(
 @st.composite
 def intercepted_lists(draw):
     ids = draw(st.lists(st.text("abcdef", min_size=1, max_size=3), unique=True, max_size=24))
-    return [Intercepted(
-        request_id=request_id,
-        context_tokens=draw(st.integers(0, 5000)),
-        location=draw(st.sampled_from(list(Location))),
-        elapsed_s=draw(st.floats(0.0, 100.0)),
-        # few distinct values, so that wastes and arrivals tie often
-        remaining_s=draw(st.one_of(st.sampled_from([0.0, 0.5, 30.0]), st.floats(0.0, 100.0))),
-        arrival_s=float(draw(st.integers(0, 4))),
-        ttl_s=draw(st.one_of(st.none(), st.floats(0.0, 50.0))),
-    ) for request_id in ids]
+    requests = []
+    for request_id in ids:
+        context_tokens = draw(st.integers(0, 5000))
+        requests.append(Intercepted(
+            request_id=request_id,
+            context_tokens=context_tokens,
+            # a prefix shared with other requests, often none
+            shared_tokens=draw(st.one_of(st.just(0), st.integers(0, context_tokens))),
+            location=draw(st.sampled_from(list(Location))),
+            elapsed_s=draw(st.floats(0.0, 100.0)),
+            # few distinct values, so that wastes and arrivals tie often
+            remaining_s=draw(st.one_of(st.sampled_from([0.0, 0.5, 30.0]),
+                                       st.floats(0.0, 100.0))),
+            arrival_s=float(draw(st.integers(0, 4))),
+            ttl_s=draw(st.one_of(st.none(), st.floats(0.0, 50.0))),
+        ))
+    return requests
 
 
 policy_names = st.sampled_from(POLICY_NAMES)
 
 
 def device_tokens(intercepted) -> int:
-    return sum(r.context_tokens for r in intercepted if r.location is Location.DEVICE)
+    return sum(r.own_tokens for r in intercepted if r.location is Location.DEVICE)
 
 
 @settings(max_examples=150, deadline=None)
@@ -62,7 +69,7 @@ def test_every_request_gets_one_valid_decision(name, intercepted, batch, cost):
     for d in plan.decisions:
         request = by_id[d.request_id]
         assert d.location is request.location
-        assert d.context_tokens == request.context_tokens
+        assert (d.context_tokens, d.own_tokens) == (request.context_tokens, request.own_tokens)
         assert d.action in VALID_ACTIONS[request.location]
         for waste in (d.waste_preserve, d.waste_discard, d.waste_swap):
             assert waste >= 0 and not math.isnan(waste)
