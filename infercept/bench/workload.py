@@ -171,11 +171,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class Request:
+    """A trace request. Its prompt's first ``shared_prefix_tokens`` tokens are those of
+    every request with the same ``shared_prefix_key`` (a common system prompt)."""
+
     request_id: str
     augmentation: str
     arrival_s: float
     segments: tuple[Segment, ...]
     prompt_token_ids: tuple[int, ...] | None = None
+    shared_prefix_key: str | None = None
+    shared_prefix_tokens: int = 0
 
     @property
     def num_interceptions(self) -> int:
@@ -283,6 +288,17 @@ def _draw_request(index: int, augmentation: str, model: AugmentationModel,
     return Request(f"{workload}-{index}", augmentation, 0.0, tuple(segments), prompt_ids)
 
 
+def _with_prefix(request: Request, key: str, num_tokens: int,
+                 token_ids: tuple[int, ...] | None) -> Request:
+    """``request`` with a shared prefix of ``num_tokens`` put in front of its prompt."""
+    first, *rest = request.segments
+    first = dataclasses.replace(first, prompt_tokens=first.prompt_tokens + num_tokens)
+    prompt_ids = (None if token_ids is None or request.prompt_token_ids is None
+                  else token_ids + request.prompt_token_ids)
+    return dataclasses.replace(request, segments=(first, *rest), prompt_token_ids=prompt_ids,
+                               shared_prefix_key=key, shared_prefix_tokens=num_tokens)
+
+
 def poisson_arrivals_s(num_requests: int, rate: float, seed: int) -> list[float]:
     """Arrival times of a Poisson process with ``rate`` requests/s (unit-rate times / rate)."""
     if not 0 < rate < math.inf:
@@ -336,7 +352,8 @@ def _request_from_json(raw: dict) -> Request:
         Segment(**{**s, "tool_return_token_ids": _ids(s["tool_return_token_ids"])})
         for s in raw["segments"])
     return Request(raw["request_id"], raw["augmentation"], raw["arrival_s"], segments,
-                   _ids(raw["prompt_token_ids"]))
+                   _ids(raw["prompt_token_ids"]), raw.get("shared_prefix_key"),
+                   raw.get("shared_prefix_tokens", 0))
 
 
 def generate_trace(augmentation: str, num_requests: int, rate: float, seed: int,
@@ -346,13 +363,17 @@ def generate_trace(augmentation: str, num_requests: int, rate: float, seed: int,
                    vocab_size: int | None = None,
                    excluded_token_ids: Iterable[int] = (),
                    mix_weights: Mapping[str, float] | None = None,
-                   with_interceptions: bool = True) -> Trace:
+                   with_interceptions: bool = True,
+                   shared_prefix_tokens: int = 0, shared_prefix_groups: int = 1) -> Trace:
     """Draw ``num_requests`` requests of one augmentation (or ``"mix"``) arriving at ``rate``/s.
 
     ``stats_path``: an augmentations.json to use instead of the embedded TABLE_1.
     ``vocab_size``: when given, prompts and tool returns get pseudo-random token ids in
     ``range(vocab_size)``, never one of ``excluded_token_ids`` (e.g. special tokens).
     ``mix_weights``: relative weight per augmentation in a mix (equal by default).
+    ``shared_prefix_tokens``: every prompt starts with one of ``shared_prefix_groups``
+    common prefixes of that many tokens (request i: group i mod groups), put in front of
+    its drawn prompt.
     """
     if time_scale <= 0 or length_scale <= 0:
         raise ValueError("time_scale and length_scale must be positive")
@@ -370,15 +391,23 @@ def generate_trace(augmentation: str, num_requests: int, rate: float, seed: int,
         raise ValueError(f"mix weights name unknown augmentations: {set(weights) - set(models)}")
     if vocab_size is not None and not set(range(vocab_size)) - set(excluded_token_ids):
         raise ValueError("every token id of the vocabulary is excluded")
+    if shared_prefix_tokens < 0 or shared_prefix_groups < 1:
+        raise ValueError("shared_prefix_tokens must be >= 0 and shared_prefix_groups >= 1")
     names, name_weights = list(weights), list(weights.values())
     options = _Options(seed, time_scale, length_scale, max_context_tokens, vocab_size,
                        frozenset(excluded_token_ids))
+    prefixes = [options.token_ids(random.Random(f"{seed}:prefix:{g}"), shared_prefix_tokens)
+                for g in range(shared_prefix_groups)]
     requests = []
     for index, arrival_s in enumerate(poisson_arrivals_s(num_requests, rate, seed)):
         rng = random.Random(f"{seed}:{index}:content")
         name = rng.choices(names, name_weights)[0] if augmentation == MIX else augmentation
         request = _draw_request(index, name, models[name], rng, options, augmentation)
-        requests.append(dataclasses.replace(request, arrival_s=arrival_s))
+        request = dataclasses.replace(request, arrival_s=arrival_s)
+        if shared_prefix_tokens:
+            request = _with_prefix(request, f"prefix-{index % shared_prefix_groups}",
+                                   shared_prefix_tokens, prefixes[index % shared_prefix_groups])
+        requests.append(request)
     trace = Trace(augmentation, seed, rate, time_scale, length_scale, tuple(requests),
                   max_context_tokens, vocab_size)
     return trace if with_interceptions else trace.without_interceptions()

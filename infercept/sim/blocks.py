@@ -6,8 +6,16 @@ again, least recently freed first. A request's blocks are freed last block first
 eviction eats a cached prefix from its tail and what survives is still a prefix.
 
 ``DevicePool`` models that queue as runs of blocks: an anonymous run (nothing reusable),
-or a request's cached full blocks. The simulated requests never share a prefix with
-another request, so a cache entry is keyed by the request (its session) alone.
+or a request's cached full blocks, keyed by the request (its session).
+
+Requests may also share a prefix (a common system prompt, ``Request.shared_prefix_key``):
+its blocks are one entry held by every request that uses it (vLLM's ref counts), grown
+by the request that computes it first, and cached as one run once the last holder lets
+go. A request's own blocks follow the shared ones; its own cached run starts where its
+shared blocks ended. Simplification: a prefix's blocks leave the device only with its
+last holder (vLLM frees the blocks that only a leaving holder references, which differs
+only when a request arrived while the prefix was still being computed and shares fewer
+of its blocks).
 """
 
 from __future__ import annotations
@@ -23,6 +31,22 @@ class _Run:
         self.num_blocks = num_blocks
 
 
+class _Prefix:
+    """A shared prefix's blocks while requests hold them: ``num_full`` of its
+    ``num_blocks`` are full and hashed (what a new holder finds)."""
+
+    __slots__ = ("num_blocks", "num_full", "holders")
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.num_full = num_blocks
+        self.holders = 0
+
+
+def _prefix_cache_key(key: str) -> str:
+    return "\0prefix:" + key
+
+
 class DevicePool:
     """Device blocks: free ones (some of them cached prefixes) and allocated ones."""
 
@@ -34,6 +58,56 @@ class DevicePool:
         self.num_free_blocks = num_blocks  # cached blocks count as free (evictable)
         self._queue: deque[_Run] = deque([_Run(None, num_blocks)])
         self._cached: dict[str, _Run] = {}
+        self._prefixes: dict[str, _Prefix] = {}  # shared prefixes someone holds
+
+    # ---- shared prefixes -------------------------------------------------------
+
+    def prefix_hit_blocks(self, key: str) -> int:
+        """Full blocks of shared prefix ``key`` that a new holder finds: held, or cached."""
+        entry = self._prefixes.get(key)
+        if entry is not None:
+            return entry.num_full
+        return self.num_cached_blocks(_prefix_cache_key(key)) if self.prefix_caching else 0
+
+    def prefix_is_held(self, key: str) -> bool:
+        return key in self._prefixes
+
+    def prefix_holders(self, key: str) -> int:
+        entry = self._prefixes.get(key)
+        return entry.holders if entry else 0
+
+    def prefix_blocks(self, key: str) -> int:
+        """Blocks the entry of a held prefix spans (0 when nobody holds it)."""
+        entry = self._prefixes.get(key)
+        return entry.num_blocks if entry else 0
+
+    def acquire_prefix(self, key: str, max_blocks: int) -> int:
+        """Become a holder of ``key``: its held blocks, or its cached run taken back
+        from the free queue; returns how many of its blocks (at most ``max_blocks``)
+        the new holder shares."""
+        entry = self._prefixes.get(key)
+        if entry is None:
+            taken = self.take_cached(_prefix_cache_key(key), max_blocks) if self.prefix_caching else 0
+            entry = self._prefixes[key] = _Prefix(taken)
+        entry.holders += 1
+        return min(entry.num_full, max_blocks)
+
+    def extend_prefix(self, key: str, num_blocks: int, num_full: int) -> None:
+        """The holder computing the prefix took ``num_blocks`` more blocks for it (already
+        allocated); ``num_full`` of the entry's blocks are full once this step runs."""
+        entry = self._prefixes[key]
+        entry.num_blocks += num_blocks
+        entry.num_full = max(entry.num_full, min(num_full, entry.num_blocks))
+
+    def release_prefix(self, key: str) -> None:
+        """A holder lets go; the last one returns the blocks, its full ones cached."""
+        entry = self._prefixes[key]
+        entry.holders -= 1
+        if entry.holders:
+            return
+        del self._prefixes[key]
+        if entry.num_blocks:
+            self._release(_prefix_cache_key(key), entry.num_blocks, entry.num_full)
 
     @property
     def num_used_blocks(self) -> int:
@@ -79,6 +153,9 @@ class DevicePool:
     def free(self, key: str, num_blocks: int, num_full_blocks: int) -> None:
         """Return a request's ``num_blocks``; its first ``num_full_blocks`` (full ones) stay
         cached under ``key`` when prefix caching is on. The tail goes in first."""
+        self._release(key, num_blocks, num_full_blocks)
+
+    def _release(self, key: str, num_blocks: int, num_full_blocks: int) -> None:
         if not 0 <= num_full_blocks <= num_blocks:
             raise ValueError(f"cannot cache {num_full_blocks} of {num_blocks} blocks")
         if num_blocks > self.num_used_blocks:
@@ -114,6 +191,18 @@ class DevicePool:
         assert 0 <= self.num_free_blocks <= self.num_blocks
         for key, run in self._cached.items():
             assert run.key == key and run.num_blocks > 0
+        for key, entry in self._prefixes.items():
+            assert entry.holders > 0 and 0 <= entry.num_full <= entry.num_blocks, key
+            assert _prefix_cache_key(key) not in self._cached, key
+
+    def held_prefixes(self) -> dict[str, int]:
+        """Shared prefixes someone holds, with their number of holders."""
+        return {key: entry.holders for key, entry in self._prefixes.items()}
+
+    @property
+    def num_prefix_blocks(self) -> int:
+        """Blocks held by shared-prefix entries."""
+        return sum(entry.num_blocks for entry in self._prefixes.values())
 
 
 class CpuPool:

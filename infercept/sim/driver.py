@@ -65,7 +65,7 @@ class PolicyDriver:
             candidates, batch = self._candidates(engine, now)
         if not candidates:
             return
-        views = [self._view(r, now) for r in candidates]
+        views = [self._view(engine, r, now) for r in candidates]
         plan = self.policy.plan(views, batch or engine.batch_state(), engine.cost)
         self.num_plans += 1
         by_id = {r.key: r for r in candidates}
@@ -99,7 +99,7 @@ class PolicyDriver:
         if batch.device_tokens_needed == 0:
             return [], batch
         if self.policy.name == "preserve":
-            return _latest_first_until(device, batch.device_tokens_needed), batch
+            return _latest_first_until(engine, device, batch.device_tokens_needed), batch
         return device, batch
 
     def _min_waste_candidates(self, engine: "Engine", device: list, now: float):
@@ -111,17 +111,17 @@ class PolicyDriver:
             # no pressure: a preserved request whose context exceeds the swap budget stays
             # preserved and takes nothing from the others' budget
             budget_tokens = engine.cost.swap_budget_tokens(batch.batch_tokens)
-            device = [r for r in device if r.kv_tokens <= budget_tokens]
+            device = [r for r in device if engine.own_kv_tokens(r) <= budget_tokens]
             if not device and not due:
                 return [], batch
-        if device and sum(r.kv_tokens for r in device) > batch.free_cpu_tokens:
+        if device and sum(engine.own_kv_tokens(r) for r in device) > batch.free_cpu_tokens:
             # swapped requests may be discarded to make room: pass them all
             return device + list(engine.intercepted_on(Location.CPU)), batch
         iteration_s = engine.cost.forward_s(batch.batch_tokens)
         soon = []
         for request in due:  # the planner's own test for a prefetch
             remaining_s = self._remaining_s(request, now)
-            if remaining_s <= engine.cost.swap_s(request.kv_tokens) + iteration_s:
+            if remaining_s <= engine.cost.swap_s(request.copied_tokens) + iteration_s:
                 soon.append(request)
             else:
                 self._swapped.schedule(engine, request, now, remaining_s)
@@ -144,12 +144,13 @@ class PolicyDriver:
             self._next_expiry_s = earliest_s
         return self._next_expiry_s
 
-    def _view(self, request: "SimRequest", now: float) -> Intercepted:
+    def _view(self, engine: "Engine", request: "SimRequest", now: float) -> Intercepted:
         tool = request.tool
         elapsed_s = now - request.paused_at_s
         return Intercepted(
             request_id=request.key,
             context_tokens=request.kv_tokens,
+            shared_tokens=request.kv_tokens - engine.own_kv_tokens(request),
             location=request.location,
             elapsed_s=elapsed_s,
             remaining_s=self.estimator.remaining_s(tool, elapsed_s),
@@ -186,15 +187,16 @@ class PolicyDriver:
             self._swapped.observed(request.tool)
 
 
-def _latest_first_until(device: list["SimRequest"], needed_tokens: int) -> list["SimRequest"]:
+def _latest_first_until(engine: "Engine", device: list["SimRequest"],
+                        needed_tokens: int) -> list["SimRequest"]:
     """The preserved requests that preserve evicts under pressure: latest first arrival
-    first, until their contexts cover ``needed_tokens``; the others stay as they are."""
+    first, until their own tokens cover ``needed_tokens``; the others stay as they are."""
     chosen, freed_tokens = [], 0
     for request in sorted(device, key=_order_key, reverse=True):
         if freed_tokens >= needed_tokens:
             break
         chosen.append(request)
-        freed_tokens += request.kv_tokens
+        freed_tokens += engine.own_kv_tokens(request)
     return chosen
 
 

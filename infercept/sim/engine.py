@@ -92,6 +92,9 @@ class Engine:
         self._plan_pending = False
         self._swap_tokens = 0  # moved between device and CPU in this iteration
         self._cpu_blocks_to_free = 0  # CPU copies released once this iteration's loads end
+        # Shared prefixes that requests swapped out in this plan still hold: the adapter
+        # frees a swapped request's blocks when its save is done, after the plan.
+        self._prefixes_to_release: list[str] = []
 
         self.forward_s = 0.0
         self.recompute_forward_s = 0.0
@@ -141,6 +144,7 @@ class Engine:
         elif request.location is Location.CPU:
             self.cpu.free(request.cpu_blocks)
             request.cpu_blocks = 0
+            request.uncopied_tokens = 0
         self.blocked = False
 
     # ---- one iteration -----------------------------------------------------
@@ -150,6 +154,7 @@ class Engine:
         self._swap_tokens = 0
         if self.driver is not None and self.intercepts:
             self.driver.step(self, now)
+            self._release_saved_prefixes()
         self._plan_pending = False
         work, num_decoding = self._schedule()
         num_tokens = num_decoding + sum(chunk for _, chunk in work)
@@ -231,19 +236,21 @@ class Engine:
                 return
             request = queue[0]
             if request.num_blocks == 0:
-                hit_blocks = min(pool.num_cached_blocks(request.key),
-                                 (request.num_tokens - 1) // bs)
-                computed = max(hit_blocks * bs, request.kv_tokens
-                               if request.location is Location.CPU else 0)
+                shared_blocks, hit_blocks, from_free = self._cache_hit(
+                    request, (request.num_tokens - 1) // bs)
+                # A CPU copy that left a shared prefix out loads only onto that prefix;
+                # without it the request recomputes from its hit and lets the copy go.
+                loads = (request.location is Location.CPU
+                         and request.uncopied_tokens <= hit_blocks * bs)
+                computed = max(hit_blocks * bs, request.kv_tokens if loads else 0)
                 chunk = min(request.num_tokens - computed, budget)
                 new_blocks = _ceil_div(computed + chunk, bs) - hit_blocks
-                if hit_blocks + new_blocks > pool.num_free_blocks:
+                if from_free + new_blocks > pool.num_free_blocks:
                     return
-                pool.take_cached(request.key, hit_blocks)
-                pool.allocate(new_blocks)
-                request.num_blocks = hit_blocks + new_blocks
+                self._take_hit(request, shared_blocks, hit_blocks)
+                self._allocate(request, new_blocks, computed + chunk)
                 if request.location is Location.CPU:
-                    self._load_swapped(request, computed - hit_blocks * bs)
+                    self._load_swapped(request, computed - hit_blocks * bs if loads else 0)
                 request.num_computed = computed
             else:
                 chunk = min(request.num_tokens - request.num_computed, budget)
@@ -261,11 +268,55 @@ class Engine:
 
     def _grow(self, request: SimRequest, chunk: int) -> bool:
         """Blocks for ``chunk`` more tokens of a request that holds its KV."""
-        new_blocks = _ceil_div(request.num_computed + chunk, self.block_size) - request.num_blocks
-        if new_blocks > 0 and not self.pool.allocate(new_blocks):
+        end_tokens = request.num_computed + chunk
+        return self._allocate(request, _ceil_div(end_tokens, self.block_size) - request.num_blocks,
+                              end_tokens)
+
+    def _allocate(self, request: SimRequest, new_blocks: int, end_tokens: int) -> bool:
+        """``new_blocks`` more blocks for a request whose KV will reach ``end_tokens``
+        this iteration; the one computing a shared prefix grows the prefix's entry."""
+        new_blocks = max(0, new_blocks)
+        if new_blocks and not self.pool.allocate(new_blocks):
             return False
-        request.num_blocks += max(0, new_blocks)
+        if request.holds_prefix and request.shared_blocks == request.num_blocks \
+                and request.shared_blocks == self.pool.prefix_blocks(request.prefix_key):
+            prefix_blocks = request.prefix_tokens // self.block_size
+            extend = min(new_blocks, prefix_blocks - request.shared_blocks)
+            self.pool.extend_prefix(request.prefix_key, extend,
+                                    min(end_tokens // self.block_size, prefix_blocks))
+            request.shared_blocks += extend
+        request.num_blocks += new_blocks
         return True
+
+    def _shares_prefix(self, request: SimRequest) -> bool:
+        return request.prefix_key is not None and self.pool.prefix_caching
+
+    def _cache_hit(self, request: SimRequest, max_blocks: int) -> tuple[int, int, int]:
+        """A request's prefix-cache hit of at most ``max_blocks``: (blocks of its shared
+        prefix, blocks in all, blocks of it that come out of the free queue). Its own
+        cached blocks count only if the shared prefix reaches where they start."""
+        pool = self.pool
+        if not self._shares_prefix(request):
+            hit = min(pool.num_cached_blocks(request.key), max_blocks)
+            return 0, hit, hit
+        key = request.prefix_key
+        shared = min(pool.prefix_hit_blocks(key), request.prefix_tokens // self.block_size,
+                     max_blocks)
+        start = request.session.own_run_start
+        hit = shared
+        if shared >= start:
+            hit = max(shared, min(start + pool.num_cached_blocks(request.key), max_blocks))
+        from_free = (0 if pool.prefix_is_held(key) else shared) + hit - shared
+        return shared, hit, from_free
+
+    def _take_hit(self, request: SimRequest, shared_blocks: int, hit_blocks: int) -> None:
+        """Take the hit ``_cache_hit`` found: hold the shared prefix, reuse own blocks."""
+        if self._shares_prefix(request):
+            self.pool.acquire_prefix(request.prefix_key, shared_blocks)
+            request.holds_prefix = True
+            request.shared_blocks = shared_blocks
+        self.pool.take_cached(request.key, hit_blocks - shared_blocks)
+        request.num_blocks = hit_blocks
 
     def _load_swapped(self, request: SimRequest, num_tokens: int) -> None:
         """The connector loads a resumed request's swapped KV (beyond its prefix hit)."""
@@ -273,6 +324,7 @@ class Engine:
         self.swapped_in_bytes += num_tokens * self.cost.kv_bytes_per_token
         self._cpu_blocks_to_free += request.cpu_blocks
         request.cpu_blocks = 0
+        request.uncopied_tokens = 0
         request.location = None
 
     # ---- after the forward pass --------------------------------------------
@@ -384,10 +436,22 @@ class Engine:
             queue = self.waiting
         queue.insert(bisect_right(queue, request.arrival_s, key=_arrival_s), request)
 
-    def _free_device(self, request: SimRequest) -> None:
+    def _free_device(self, request: SimRequest, prefix_after_plan: bool = False) -> None:
+        """vLLM frees a request's blocks last first: its own, then the shared prefix's
+        (which go only with their last holder); ``prefix_after_plan``: its hold on the
+        prefix ends after this iteration's plan."""
         if request.num_blocks:
-            self.pool.free(request.key, request.num_blocks,
-                           min(request.num_computed // self.block_size, request.num_blocks))
+            shared = request.shared_blocks
+            own_full = min(request.num_computed // self.block_size, request.num_blocks) - shared
+            self.pool.free(request.key, request.num_blocks - shared, max(0, own_full))
+            request.session.own_run_start = shared
+        if request.holds_prefix:
+            if prefix_after_plan:
+                self._prefixes_to_release.append(request.prefix_key)
+            else:
+                self.pool.release_prefix(request.prefix_key)
+            request.holds_prefix = False
+            request.shared_blocks = 0
         request.num_blocks = 0
         request.num_computed = 0
 
@@ -438,17 +502,39 @@ class Engine:
     def device_tokens_needed(self) -> int:
         return self.batch_state().device_tokens_needed
 
+    def _release_saved_prefixes(self) -> None:
+        for key in self._prefixes_to_release:
+            self.pool.release_prefix(key)
+        self._prefixes_to_release.clear()
+
+    def own_kv_tokens(self, request: SimRequest) -> int:
+        """An intercepted request's KV tokens that no other request holds: what the
+        policy counts (``Intercepted.own_tokens``)."""
+        if request.location is Location.CPU:
+            return request.copied_tokens
+        return request.kv_tokens - self._shared_tokens(request)
+
+    def _shared_tokens(self, request: SimRequest) -> int:
+        """Tokens of its first blocks that other requests hold too."""
+        if request.holds_prefix and self.pool.prefix_holders(request.prefix_key) > 1:
+            return min(request.shared_blocks * self.block_size, request.kv_tokens)
+        return 0
+
     def swap_out(self, request: SimRequest) -> bool:
-        """Copy a preserved request's KV to CPU and free its blocks; False without room."""
-        cpu_blocks = _ceil_div(request.kv_tokens, self.block_size)
+        """Copy a preserved request's KV to CPU and free its blocks; False without room.
+        Blocks shared with other requests stay resident and are not copied."""
+        uncopied = self._shared_tokens(request)
+        cpu_blocks = _ceil_div(request.kv_tokens, self.block_size) - uncopied // self.block_size
         if not self.cpu.allocate(cpu_blocks):
             return False
         self._set_idle(-request.kv_tokens, self.clock_s)
-        self._free_device(request)
+        self._free_device(request, prefix_after_plan=True)
         request.cpu_blocks = cpu_blocks
+        request.uncopied_tokens = uncopied
         self._move(request, Location.CPU)
-        self._swap_tokens += request.kv_tokens
-        self.swapped_out_bytes += request.kv_tokens * self.cost.kv_bytes_per_token
+        copied = request.copied_tokens
+        self._swap_tokens += copied
+        self.swapped_out_bytes += copied * self.cost.kv_bytes_per_token
         return True
 
     def discard(self, request: SimRequest) -> None:
@@ -458,21 +544,32 @@ class Engine:
         elif request.location is Location.CPU:
             self.cpu.free(request.cpu_blocks)
             request.cpu_blocks = 0
+            request.uncopied_tokens = 0
         self._move(request, Location.NONE)
 
     def prefetch(self, request: SimRequest) -> None:
-        """Swap a request's KV back in ahead of its resume, if the blocks are free."""
-        num_blocks = _ceil_div(request.kv_tokens, self.block_size)
-        if not self.pool.allocate(num_blocks):
+        """Swap a request's KV back in ahead of its resume, if the blocks are free: what
+        the prefix cache still holds is taken from there, the copy loads the rest. A copy
+        whose shared prefix is gone stays where it is."""
+        bs = self.block_size
+        shared_blocks, hit_blocks, from_free = self._cache_hit(request,
+                                                               (request.num_tokens - 1) // bs)
+        if hit_blocks * bs < request.uncopied_tokens:
             return
-        request.num_blocks = num_blocks
+        new_blocks = _ceil_div(request.kv_tokens, bs) - hit_blocks
+        if from_free + new_blocks > self.pool.num_free_blocks:
+            return
+        self._take_hit(request, shared_blocks, hit_blocks)
+        self._allocate(request, new_blocks, request.kv_tokens)
         request.num_computed = request.kv_tokens
         self._cpu_blocks_to_free += request.cpu_blocks
         request.cpu_blocks = 0
+        request.uncopied_tokens = 0
         self._move(request, Location.DEVICE)
         self._set_idle(request.kv_tokens, self.clock_s)
-        self._swap_tokens += request.kv_tokens
-        self.swapped_in_bytes += request.kv_tokens * self.cost.kv_bytes_per_token
+        loaded = max(0, request.kv_tokens - hit_blocks * bs)
+        self._swap_tokens += loaded
+        self.swapped_in_bytes += loaded * self.cost.kv_bytes_per_token
 
     def _move(self, request: SimRequest, location: Location) -> None:
         self._unregister(request)
@@ -508,8 +605,18 @@ class Engine:
             self.materialize(request)
             assert request.num_blocks == _ceil_div(request.num_computed, bs), request
         holders = [*self.running, *self.kv_holding, *self.intercepted_on(Location.DEVICE)]
-        assert sum(r.num_blocks for r in holders) == self.pool.num_used_blocks
-        assert all(r.num_blocks == 0 for r in self.waiting)
+        assert (sum(r.num_blocks - r.shared_blocks for r in holders) + self.pool.num_prefix_blocks
+                == self.pool.num_used_blocks)
+        assert all(r.num_blocks == 0 and not r.holds_prefix for r in self.waiting)
+        prefix_holders: dict[str, int] = {}
+        for r in holders:
+            assert 0 <= r.shared_blocks <= r.num_blocks, r
+            if r.holds_prefix:
+                prefix_holders[r.prefix_key] = prefix_holders.get(r.prefix_key, 0) + 1
+                assert r.shared_blocks <= self.pool.prefix_blocks(r.prefix_key), r
+            else:
+                assert r.shared_blocks == 0, r
+        assert prefix_holders == self.pool.held_prefixes()
         swapped = [*self.intercepted_on(Location.CPU),
                    *(r for r in self.waiting if r.location is Location.CPU)]
         assert sum(r.cpu_blocks for r in swapped) == self.cpu.num_used_blocks

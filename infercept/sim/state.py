@@ -16,13 +16,15 @@ class Session:
     """
 
     __slots__ = ("request", "segment", "context_tokens", "kv_high_water_tokens", "end_s",
-                 "replica", "num_migrations", "paused_at_s")
+                 "replica", "num_migrations", "paused_at_s", "own_run_start")
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self.segment = 0
         self.context_tokens = request.prompt_tokens
         self.kv_high_water_tokens = 0
+        # The block where its cached own blocks start (after the shared prefix's).
+        self.own_run_start = 0
         self.end_s: float | None = None
         self.replica: int | None = None
         self.num_migrations = 0
@@ -66,7 +68,9 @@ class SimRequest:
 
     __slots__ = ("session", "key", "tool", "arrival_s", "num_tokens", "num_computed", "num_blocks",
                  "generated", "target", "dec_base", "end_iter", "seq", "decoding",
-                 "location", "paused_at_s", "kv_tokens", "cpu_blocks", "next_check_s")
+                 "location", "paused_at_s", "kv_tokens", "cpu_blocks", "next_check_s",
+                 "prefix_key", "prefix_tokens", "holds_prefix", "shared_blocks",
+                 "uncopied_tokens")
 
     def __init__(self, session: Session, arrival_s: float) -> None:
         self.session = session
@@ -75,7 +79,14 @@ class SimRequest:
         self.arrival_s = arrival_s
         self.num_tokens = session.context_tokens
         self.num_computed = 0
-        self.num_blocks = 0
+        self.num_blocks = 0  # its blocks, the shared prefix's first ones included
+        # A prefix shared with other requests (Request.shared_prefix_key): while it
+        # holds the prefix's entry, its first ``shared_blocks`` blocks are the entry's.
+        self.prefix_key = session.request.shared_prefix_key
+        self.prefix_tokens = session.request.shared_prefix_tokens
+        self.holds_prefix = False
+        self.shared_blocks = 0
+        self.uncopied_tokens = 0  # swapped: the shared blocks' tokens its CPU copy left out
         self.generated = 0
         self.target = session.generate_tokens
         self.dec_base = 0
@@ -88,6 +99,11 @@ class SimRequest:
         self.kv_tokens = 0  # tokens whose KV was computed at the pause
         self.cpu_blocks = 0
         self.next_check_s = 0.0  # min-waste: when a swapped request is next planned for
+
+    @property
+    def copied_tokens(self) -> int:
+        """Swapped: the tokens its CPU copy holds (the shared prefix's left out)."""
+        return self.kv_tokens - self.uncopied_tokens
 
     def __repr__(self) -> str:
         return (f"SimRequest({self.key}, tokens={self.num_tokens}, "

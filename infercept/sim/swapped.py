@@ -62,7 +62,7 @@ class SwappedWatch:
     def schedule(self, engine: "Engine", request: "SimRequest", now: float,
                  remaining_s: float) -> None:
         """Set when a swapped request with remaining estimate ``remaining_s`` is next due."""
-        gap_s = remaining_s - engine.cost.swap_s(request.kv_tokens) - engine.max_forward_s
+        gap_s = remaining_s - engine.cost.swap_s(request.copied_tokens) - engine.max_forward_s
         if gap_s <= _SLACK_S:
             request.next_check_s = now
             self._band[request.key] = request
@@ -86,7 +86,7 @@ class SwappedWatch:
             remaining = self.estimator.remaining_many_s(
                 tool, [now - request.paused_at_s for request in requests])
             for request, remaining_s in zip(requests, remaining):
-                gap_s = remaining_s - swap_s_per_token * request.kv_tokens - max_forward_s
+                gap_s = remaining_s - swap_s_per_token * request.copied_tokens - max_forward_s
                 if gap_s <= _SLACK_S:
                     request.next_check_s = now
                     band[request.key] = request

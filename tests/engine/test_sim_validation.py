@@ -25,6 +25,7 @@ reported in docs/simulator.md, not asserted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -116,3 +117,42 @@ def test_simulator_matches_the_engine_on_the_same_trace(intercept_llm, trace, mo
     print(report.markdown())
     assert report.passed, report.markdown()
     assert len(report.comparisons) == 4 * len(POLICIES)
+
+
+def test_simulator_matches_the_engine_with_a_shared_system_prompt(intercept_llm, tiny_model,
+                                                                   monkeypatch):
+    """The same check on a trace whose prompts all start with one 100-token system prompt
+    (three full 32-token blocks shared), under discard (the resumes find the prompt in
+    the prefix cache) and swap (copies leave the shared blocks out, and loads go onto
+    them): tokens forwarded and recomputed, interceptions and completions equal."""
+    vocab_size = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    # Arrivals close enough (20/s) that agents often pause beside others holding the prompt.
+    trace = generate_trace("mix", 8, 20.0, 0, time_scale=0.1, length_scale=0.05,
+                           mix_weights={a: 1.0 for a in WORKLOADS}, vocab_size=vocab_size,
+                           excluded_token_ids=range(NUM_SPECIAL_TOKENS),
+                           shared_prefix_tokens=100)
+    llm = intercept_llm("discard")
+    cost = scheduler_of(llm).policy_driver.cost
+    limits = llm.llm_engine.vllm_config.scheduler_config
+    profile = profile_from_dict({**cost.to_dict(), "max_num_seqs": limits.max_num_seqs,
+                                 "max_num_batched_tokens": limits.max_num_batched_tokens})
+    for policy in ("discard", "swap"):
+        real = replay_on_virtual_clock(intercept_llm(policy), policy, trace, cost, monkeypatch)
+        sim = simulate(trace, profile, policy, SimConfig())
+        assert sim.counters.forwarded_tokens == real.counters.forwarded_tokens, policy
+        assert sim.counters.recomputed_tokens == real.counters.recomputed_tokens, policy
+        assert ([r.num_interceptions for r in sim.records]
+                == [r.num_interceptions for r in real.records]), policy
+        assert all(r.completed for r in real.records + list(sim.records)), policy
+        # Not a coincidence: a simulator blind to the shared prompt forwards more.
+        blind = dataclasses.replace(trace, requests=tuple(
+            dataclasses.replace(r, shared_prefix_key=None, shared_prefix_tokens=0)
+            for r in trace.requests))
+        blind_counters = simulate(blind, profile, policy, SimConfig()).counters
+        assert blind_counters.forwarded_tokens > real.counters.forwarded_tokens, policy
+        if policy == "swap":
+            # Copies left the shared blocks out.
+            assert 0 < sim.counters.swapped_out_bytes < blind_counters.swapped_out_bytes
+            assert 0 < real.counters.swapped_out_bytes
+            assert sim.stats["decisions"] == {"swap_out": sum(r.num_interceptions
+                                                              for r in trace.requests)}
