@@ -29,15 +29,25 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
 
-def build_tiny_model(path: Path, *, num_layers: int = 2, hidden_size: int = 128) -> Path:
-    """Write a tiny Llama and its tokenizer to `path` (idempotent) and return it."""
+def build_tiny_model(path: Path, *, num_layers: int = 2, hidden_size: int = 128,
+                     layer_types: list[str] | None = None, sliding_window: int | None = None) -> Path:
+    """Write a tiny Llama and its tokenizer to `path` (idempotent) and return it.
+
+    `layer_types` ("sliding_attention" / "full_attention" per layer) with `sliding_window`
+    mixes sliding-window layers with full-attention ones, as Gemma 3 and gpt-oss do
+    (vLLM's Llama reads them per layer).
+    """
     path = Path(path)
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
     tokenizer.save_pretrained(path)
-    _save_random_llama(path, tokenizer, num_layers=num_layers, hidden_size=hidden_size)
+    extra = {}
+    if layer_types is not None:
+        extra = {"layer_types": list(layer_types), "sliding_window": sliding_window}
+        num_layers = len(layer_types)
+    _save_random_llama(path, tokenizer, num_layers=num_layers, hidden_size=hidden_size, **extra)
     return path
 
 
@@ -47,7 +57,8 @@ def _train_tokenizer():
     return train_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE)
 
 
-def _save_random_llama(path: Path, tokenizer, *, num_layers: int, hidden_size: int) -> None:
+def _save_random_llama(path: Path, tokenizer, *, num_layers: int, hidden_size: int,
+                       **extra) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,6 +75,7 @@ def _save_random_llama(path: Path, tokenizer, *, num_layers: int, hidden_size: i
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         torch_dtype="float32",
+        **extra,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

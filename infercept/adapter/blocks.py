@@ -50,18 +50,26 @@ def num_shared_blocks(kv_cache_manager, request_id: str) -> int:
     Blocks are shared through the prefix cache, so whoever holds a request's
     block i holds its blocks before i too: ref counts do not grow along a
     request's blocks, and the shared run is found by bisection, O(log blocks).
-    Freeing the request would not free these blocks.
+    Freeing the request would not free these blocks. With several KV cache
+    groups (sliding-window layers beside full attention), the fewest of any
+    group; a sliding window's null blocks hold no memory and count as shared.
     """
-    [manager] = kv_cache_manager.coordinator.single_type_managers
-    req_blocks = manager.req_to_blocks.get(request_id, ())
-    low, high = 0, len(req_blocks)
-    while low < high:
-        mid = (low + high) // 2
-        if req_blocks[mid].ref_cnt > 1:
-            low = mid + 1
-        else:
-            high = mid
-    return low
+    shared = None
+    for manager in kv_cache_manager.coordinator.single_type_managers:
+        req_blocks = manager.req_to_blocks.get(request_id, ())
+        low, high = 0, len(req_blocks)
+        while low < high:
+            mid = (low + high) // 2
+            if req_blocks[mid].is_null or req_blocks[mid].ref_cnt > 1:
+                low = mid + 1
+            else:
+                high = mid
+        shared = low if shared is None else min(shared, low)
+    return shared or 0
+
+
+def num_groups(kv_cache_manager) -> int:
+    return len(kv_cache_manager.coordinator.single_type_managers)
 
 
 def block_ids(kv_cache_manager, request_id: str) -> list[int]:

@@ -164,6 +164,10 @@ class PolicyDriver:
         elif action is Action.SWAP_IN:
             self._prefetch(paused)
 
+    def discard(self, paused: "Interception") -> None:
+        """Let a paused request's KV go wherever it is (it will be recomputed)."""
+        self._apply(paused, Action.DISCARD)
+
     def _free_device(self, paused: "Interception") -> None:
         # vLLM's own free, which waits for in-flight steps where it must.
         self.scheduler._free_request_blocks(paused.request)

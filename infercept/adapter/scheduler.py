@@ -307,6 +307,12 @@ class InterceptSchedulerMixin:
             # Its save is still running: the device blocks are intact, take them.
             self.policy_driver.swap.release(old.request_id)
             paused.location, paused.saving = Location.DEVICE, False
+        if (paused.location is Location.DEVICE and reusable < paused.num_kv_tokens
+                and blocks.num_groups(self.kv_cache_manager) > 1):
+            # Diverged with several KV cache groups: a sliding window's blocks before the
+            # divergence may be gone (null), so the common prefix cannot be kept as is.
+            # Its blocks go back (the prefix cache keeps what it can) and it recomputes.
+            self.policy_driver.discard(paused)
         if paused.location is Location.DEVICE:
             if reusable < paused.num_kv_tokens:
                 # Diverged (a chat template re-rendering the tool call): keep

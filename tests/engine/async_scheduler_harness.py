@@ -46,18 +46,22 @@ def build_scheduler(
     max_num_seqs: int = 16,
     async_scheduling: bool = True,
     scheduler_cls=None,
+    sliding_window: int | None = None,
 ):
     """A scheduler for a fresh `VllmConfig`.
 
     `scheduler_cls` None: InferCept's `InterceptScheduler` (whose `__new__` picks the
     async variant). `policy` None: no InferCept settings at all (stock vLLM's config).
+    `sliding_window`: a second KV cache group, of sliding-window layers, beside the
+    full-attention one (vLLM's hybrid KV cache manager, as for Gemma 3).
     """
     import torch
     from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import init_none_hash
     from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
+                                            SlidingWindowSpec)
     from vllm.v1.structured_output import StructuredOutputManager
 
     from infercept.config import CONNECTOR_MODULE, CONNECTOR_NAME
@@ -94,8 +98,13 @@ def build_scheduler(
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=1, head_size=8,
                              dtype=torch.float32)
+    kv_cache_groups = [KVCacheGroupSpec(["layer.0"], spec)]
+    if sliding_window is not None:
+        kv_cache_groups.append(KVCacheGroupSpec(["layer.1"], SlidingWindowSpec(
+            block_size=BLOCK_SIZE, num_kv_heads=1, head_size=8, dtype=torch.float32,
+            sliding_window=sliding_window)))
     kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
-                                    kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+                                    kv_cache_groups=kv_cache_groups)
     cache_config.num_gpu_blocks = num_blocks
     register_all_kvcache_specs(vllm_config)
     return scheduler_cls(

@@ -46,9 +46,13 @@ class Env:
         return self.scheduler.policy_driver.swap
 
     @property
+    def kv_managers(self):
+        return self.scheduler.kv_cache_manager.coordinator.single_type_managers
+
+    @property
     def kv_manager(self):
-        [manager] = self.scheduler.kv_cache_manager.coordinator.single_type_managers
-        return manager
+        """The full-attention group's (the first)."""
+        return self.kv_managers[0]
 
     def block_ids(self, request_id: str) -> list[int]:
         """A request's device blocks (read without creating an entry for it)."""
@@ -93,7 +97,8 @@ def assert_all_free(env: Env) -> None:
     assert not s.running and not s.waiting and not s.kv_holding_waiting
     assert not s.deferred_frees
     assert env.free == env.free_blocks
-    assert not env.kv_manager.req_to_blocks and not env.kv_manager.num_cached_block
+    for manager in env.kv_managers:
+        assert not manager.req_to_blocks and not manager.num_cached_block
     if env.swap is not None:
         assert env.swap.allocator.num_free_blocks == env.swap.allocator.num_blocks
         assert not env.swap.has_pending_work()
@@ -663,6 +668,42 @@ def test_automatic_resume_finds_the_paused_request_by_its_whole_prompt(env, hash
     assert "r" not in s.intercepts
     assert resumed.num_computed_tokens == paused.num_computed_tokens == len(prompt) + INTERCEPT_AFTER - 1
     decode_to_the_end(e, resumed, len(follow_up), 4)
+    assert_all_free(e)
+
+
+@pytest.mark.parametrize("common", [None, 20], ids=["continued", "diverged"])
+def test_resume_with_a_sliding_window_group(env, common):
+    """A second KV cache group of sliding-window layers (a 16-token window: one block)
+    beside the full-attention one, as vLLM's hybrid manager runs Gemma 3 when no
+    connector is configured. A resume that continues the paused sequence takes its
+    blocks in both groups. One that leaves it after `common` tokens lets them all go:
+    the window's blocks before the divergence may already be gone (null), so the common
+    prefix is not kept; it recomputes from what the prefix cache holds."""
+    e = env("preserve", connector=False, sliding_window=16)
+    s = e.scheduler
+    assert len(e.kv_managers) == 2
+    paused = pause_with_token_in_flight(e)
+    settle(e, paused)
+    held = [list(manager.req_to_blocks["r"]) for manager in e.kv_managers]
+    assert any(block.is_null for block in held[1])  # out of the window already
+    if common is None:
+        resumed = resume_request("q", paused)
+    else:
+        prompt = list(paused.all_token_ids[:common]) + [5, 5, 5] + TOOL_TOKENS
+        resumed = make_request("q", prompt, max_tokens=4, infercept={"resume": "r"})
+    s.add_request(resumed)
+    if common is None:
+        assert resumed.num_computed_tokens == KV_AT_PAUSE
+        assert [list(m.req_to_blocks["q"]) for m in e.kv_managers] == held
+        assert s.policy_driver.stats.tokens_reused == KV_AT_PAUSE
+    else:
+        assert "q" not in e.kv_managers[0].req_to_blocks
+        assert s.policy_driver.stats.tokens_reused == 0
+    output = e.runner.schedule()
+    assert output.num_scheduled_tokens["q"] + output.scheduled_new_reqs[0].num_computed_tokens \
+        == resumed.num_prompt_tokens
+    e.runner.finish()
+    decode_to_the_end(e, resumed, resumed.num_prompt_tokens, 4)
     assert_all_free(e)
 
 

@@ -358,6 +358,25 @@ def test_kv_cache_manager_calls_we_make():
         assert set(expected) <= set(found), f"KVCacheManager.{name}{found} lacks {expected}: revisit {revisit}"
     assert params(BlockPool.free_blocks) == ["self", "ordered_blocks"], "revisit blocks.truncate"
     assert hasattr(BlockPool, "get_num_free_blocks"), "revisit PolicyDriver._batch_state"
+    # blocks.num_shared_blocks reads every block's ref count and null flag.
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    fields = {f.name for f in dataclasses.fields(KVCacheBlock)}
+    assert {"ref_cnt", "is_null"} <= fields, "revisit blocks.num_shared_blocks"
+    assert params(KVCacheManager.get_computed_blocks) == ["self", "request"], (
+        "revisit PolicyDriver._prefetch and InterceptSchedulerMixin._resume")
+
+
+def test_a_connector_without_hma_gets_one_kv_cache_group():
+    """InferCept's connector does not declare `SupportsHMA`, so vLLM turns its hybrid KV
+    cache manager off and serves sliding-window layers with full-attention blocks: the
+    connector then always sees one group (tests/engine/test_sliding_window.py)."""
+    from vllm.config import VllmConfig
+
+    source = inspect.getsource(VllmConfig)
+    assert "supports_hma_config" in source and "need_disable_hybrid_kv_cache_manager = True" in source, (
+        "vLLM's hybrid-manager switch for connectors changed: revisit InterceptConnector's "
+        "one-group check")
 
 
 def test_single_type_manager_dicts_are_exactly_the_ones_transfer_rekeys():
