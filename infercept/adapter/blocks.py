@@ -72,9 +72,15 @@ def num_groups(kv_cache_manager) -> int:
     return len(kv_cache_manager.coordinator.single_type_managers)
 
 
-def block_ids(kv_cache_manager, request_id: str) -> list[int]:
-    """The request's device block ids (the single KV cache group)."""
-    return list(kv_cache_manager.get_block_ids(request_id)[0])
+def group_block_ids(groups) -> list[list[int | None]]:
+    """Block ids per KV cache group, None for a sliding window's null blocks."""
+    return [[None if block.is_null else block.block_id for block in group] for group in groups]
+
+
+def block_ids(kv_cache_manager, request_id: str) -> list[list[int | None]]:
+    """The request's device block ids, per KV cache group (None: a null block)."""
+    return group_block_ids(manager.req_to_blocks.get(request_id, ())
+                           for manager in kv_cache_manager.coordinator.single_type_managers)
 
 
 def truncate(kv_cache_manager, request_id: str, num_tokens: int, block_size: int) -> tuple[int, list]:

@@ -24,8 +24,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
+from infercept.adapter.blocks import group_block_ids
 from infercept.adapter.swap_metadata import SwapMetadata
 from infercept.config import InterceptConfig
 
@@ -46,7 +48,11 @@ def num_layers(kv_cache_config: "KVCacheConfig") -> int:
 
 
 def block_bytes(kv_cache_config: "KVCacheConfig") -> int:
-    """Bytes of one block across all layers, on one worker."""
+    """Bytes that one block id stands for, on one worker: its page in every KV cache
+    tensor (with several groups, the groups' layers share tensors, and a block id
+    belongs to one group at a time)."""
+    if kv_cache_config.kv_cache_tensors and kv_cache_config.num_blocks:
+        return sum(t.size for t in kv_cache_config.kv_cache_tensors) // kv_cache_config.num_blocks
     return sum(
         group.kv_cache_spec.page_size_bytes * len(group.layer_names)
         for group in kv_cache_config.kv_cache_groups
@@ -59,7 +65,11 @@ def num_cpu_blocks(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") 
     return swap_space_bytes // max(1, block_bytes(kv_cache_config))
 
 
-class InterceptConnector(KVConnectorBase_V1):
+class InterceptConnector(KVConnectorBase_V1, SupportsHMA):
+    """Declares `SupportsHMA`: models with several KV cache groups (sliding-window
+    layers beside full attention) keep vLLM's hybrid KV cache manager, and every
+    group's blocks are swapped (a sliding window's dropped blocks are not)."""
+
     def __init__(
         self,
         vllm_config: "VllmConfig",
@@ -67,11 +77,6 @@ class InterceptConnector(KVConnectorBase_V1):
         kv_cache_config: "KVCacheConfig",
     ):
         super().__init__(vllm_config, role, kv_cache_config)
-        if len(kv_cache_config.kv_cache_groups) != 1:
-            raise NotImplementedError(
-                "InferCept's swap connector supports models with one KV cache "
-                "group (full attention); use --intercept-policy discard otherwise."
-            )
         self.planner: SwapPlanner | None = None
         self.worker: SwapWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -170,7 +175,7 @@ class InterceptConnector(KVConnectorBase_V1):
         """
         if num_external_tokens > 0:
             self.planner.plan_load(
-                request.request_id, blocks.get_block_ids()[0], num_external_tokens
+                request.request_id, group_block_ids(blocks.blocks), num_external_tokens
             )
         else:
             self.planner.release(request.request_id)
@@ -197,6 +202,16 @@ class InterceptConnector(KVConnectorBase_V1):
         self.planner.release(request.request_id)
         return saving, None
 
+    def request_finished_all_groups(
+        self, request: "Request", block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, None]:
+        """`request_finished`, as vLLM's hybrid KV cache manager calls it."""
+        return self.request_finished(request, [])
+
+    def get_loaded_kv_cache_group_ids(self, request: "Request") -> tuple[int, ...]:
+        """A load restores the request's own blocks in every group."""
+        return tuple(range(len(self._kv_cache_config.kv_cache_groups)))
+
 
 def _fresh_block_ids(scheduler_output: "SchedulerOutput", block_pool) -> list[int]:
     """Device blocks this step hands to a request that is their only holder.
@@ -211,4 +226,4 @@ def _fresh_block_ids(scheduler_output: "SchedulerOutput", block_pool) -> list[in
     for groups in scheduler_output.scheduled_cached_reqs.new_block_ids:
         for group in groups or ():
             listed.extend(group)
-    return [b for b in listed if block_pool.blocks[b].ref_cnt == 1]
+    return [b for b in listed if block_pool.blocks[b].ref_cnt == 1 and not block_pool.blocks[b].is_null]

@@ -143,11 +143,11 @@ class PolicyDriver:
         if action is Action.SWAP_OUT:
             # Blocks other requests hold stay resident: only its own are copied.
             shared_blocks = paused.shared_tokens // self.block_size
-            if self.swap is None or not self.swap.can_swap_out(paused.num_kv_tokens, shared_blocks):
+            ids = blocks.block_ids(s.kv_cache_manager, request.request_id)
+            if self.swap is None or not self.swap.swap_out(request.request_id, ids,
+                                                           paused.num_kv_tokens, shared_blocks):
                 action = Action.DISCARD
             else:
-                ids = blocks.block_ids(s.kv_cache_manager, request.request_id)
-                self.swap.swap_out(request.request_id, ids, paused.num_kv_tokens, shared_blocks)
                 paused.location = Location.CPU
                 paused.saving = True
                 if self.free_blocks_at_queue:

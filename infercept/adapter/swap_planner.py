@@ -8,6 +8,12 @@ A save is asynchronous: its device blocks stay with the paused request, and its
 CPU blocks stay allocated, until every worker reports it done (`save_done`). A
 load's CPU blocks are reused only from the step after the one that reads them,
 when every later step is ordered after the load.
+
+A request's device blocks come as one list per KV cache group (sliding-window
+layers beside full attention), None where a sliding window dropped a block (vLLM's
+null block). Every group's blocks are ids in the same pages (vLLM's hybrid manager
+gives each group a share of one set of tensors), so a copy of block b moves b's
+page whichever group owns it, and one `BlockCopies` serves all groups.
 """
 
 from __future__ import annotations
@@ -18,15 +24,25 @@ from infercept.adapter.swap_metadata import BlockCopies, SwapMetadata
 from infercept.swap.allocator import CpuBlockAllocator
 
 
+GroupBlockIds = list[list["int | None"]]  # per KV cache group, per block position
+
+
 @dataclass
 class SwappedKV:
-    """A paused request's CPU copy of its first `num_tokens` tokens, without its first
-    `first_block` blocks: those were shared with other requests when it was swapped
-    out, and come back through the prefix cache (or the copy is let go)."""
+    """A paused request's CPU copy of its first `num_tokens` tokens: `cpu[g][i]` holds
+    block i of group g, None where nothing was copied (a sliding window's dropped
+    block, or one of the first `first_block` blocks, which were shared with other
+    requests when it was swapped out and come back through the prefix cache, or the
+    copy is let go). `truncated`: a resume kept only part of it."""
 
-    cpu_block_ids: list[int]
+    cpu: GroupBlockIds
     num_tokens: int
     first_block: int = 0
+    truncated: bool = False
+
+    @property
+    def cpu_block_ids(self) -> list[int]:
+        return [c for group in self.cpu for c in group if c is not None]
 
 
 def _num_blocks(num_tokens: int, block_size: int) -> int:
@@ -67,14 +83,11 @@ class SwapPlanner:
         swapped = self._swapped.get(key)
         return swapped.first_block * self.block_size if swapped else 0
 
-    def can_swap_out(self, num_tokens: int, first_block: int = 0) -> bool:
-        return self.allocator.can_allocate(_num_blocks(num_tokens, self.block_size) - first_block)
-
-    def swap_out(self, key: str, device_block_ids: list[int], num_tokens: int,
-                 first_block: int = 0) -> None:
-        """Copy the blocks of the first `num_tokens` tokens to CPU, from block
+    def swap_out(self, key: str, device_blocks: GroupBlockIds, num_tokens: int,
+                 first_block: int = 0) -> bool:
+        """Copy each group's blocks of the first `num_tokens` tokens to CPU, from block
         `first_block` on (the blocks before it are shared and stay resident), from
-        this step on.
+        this step on; False, with nothing done, when the CPU space is short.
 
         The caller keeps the device blocks until `save_done(key)`: the copy may
         run alongside this and later steps' forward passes.
@@ -84,12 +97,26 @@ class SwapPlanner:
         num_blocks = _num_blocks(num_tokens, self.block_size)
         if not 0 <= first_block <= num_blocks:
             raise ValueError(f"first_block {first_block} outside 0..{num_blocks}")
-        cpu_block_ids = self.allocator.allocate(num_blocks - first_block)
-        self._step.saves.append(
-            BlockCopies(list(device_block_ids[first_block:num_blocks]), cpu_block_ids, tag=key))
-        self._swapped[key] = SwappedKV(cpu_block_ids, num_tokens, first_block)
+        wanted = [[i for i in range(first_block, min(num_blocks, len(ids))) if ids[i] is not None]
+                  for ids in device_blocks]
+        count = sum(len(positions) for positions in wanted)
+        if not self.allocator.can_allocate(count):
+            return False
+        fresh = iter(self.allocator.allocate(count))
+        cpu: GroupBlockIds = []
+        src, dst = [], []
+        for ids, positions in zip(device_blocks, wanted):
+            group: list[int | None] = [None] * num_blocks
+            for i in positions:
+                group[i] = next(fresh)
+                src.append(ids[i])
+                dst.append(group[i])
+            cpu.append(group)
+        self._step.saves.append(BlockCopies(src, dst, tag=key))
+        self._swapped[key] = SwappedKV(cpu, num_tokens, first_block)
         self._saving[key] = []
-        self.bytes_swapped_out += len(cpu_block_ids) * self.block_bytes
+        self.bytes_swapped_out += count * self.block_bytes
+        return True
 
     def is_saving(self, key: str) -> bool:
         """Whether a save of `key`'s blocks is queued and not yet reported done."""
@@ -114,7 +141,8 @@ class SwapPlanner:
         prefix of the old and new token sequences).
         """
         swapped = self._swapped.pop(key)
-        swapped.num_tokens = min(swapped.num_tokens, num_valid_tokens)
+        if num_valid_tokens < swapped.num_tokens:
+            swapped.num_tokens, swapped.truncated = num_valid_tokens, True
         self._swapped[new_key] = swapped
 
     def num_loadable_tokens(self, key: str, num_computed_tokens: int) -> int:
@@ -125,11 +153,19 @@ class SwapPlanner:
         swapped = self._swapped.get(key)
         if swapped is None or num_computed_tokens < swapped.first_block * self.block_size:
             return 0
+        if swapped.truncated and len(swapped.cpu) > 1:
+            # A sliding window's blocks before the new end may have been dropped
+            # before the copy was made: it cannot restore them.
+            return 0
         self._local_hits[key] = num_computed_tokens
         return max(0, swapped.num_tokens - num_computed_tokens)
 
-    def plan_load(self, key: str, device_block_ids: list[int], num_tokens: int) -> None:
-        """Load `num_tokens` tokens after the local hit into the request's blocks."""
+    def plan_load(self, key: str, device_blocks: GroupBlockIds, num_tokens: int) -> None:
+        """Load `num_tokens` tokens after the local hit into each group's blocks.
+
+        A device block with no copy is one a sliding window had dropped before the
+        save: it lies out of the window of every token still to compute, and is
+        never read (vLLM drops it again at the request's next allocation)."""
         swapped = self._swapped.pop(key)
         start_tokens = self._local_hits.pop(key, 0)
         first = start_tokens // self.block_size  # local hits are whole blocks
@@ -138,24 +174,29 @@ class SwapPlanner:
         if first < swapped.first_block:
             raise RuntimeError(f"{key}: loading from block {first}, its copy starts at "
                                f"{swapped.first_block}")
-        offset = swapped.first_block  # the copy's first CPU block holds this device block
-        cpu, device = swapped.cpu_block_ids, list(device_block_ids)
-        if full > first:
-            self._step.loads.append(
-                BlockCopies(cpu[first - offset:full - offset], device[first:full]))
-        if last > full:  # a partly filled block, which the step also writes
-            self._step.tail_loads.append(
-                BlockCopies(cpu[full - offset:last - offset], device[full:last]))
-        self.bytes_swapped_in += (last - first) * self.block_bytes
+        moved = 0
+        # A partly filled last block is also written by the step: it lands first.
+        for queue, begin, end in ((self._step.loads, first, full),
+                                  (self._step.tail_loads, full, last)):
+            src, dst = [], []
+            for cpu, device in zip(swapped.cpu, device_blocks):
+                for i in range(begin, min(end, len(cpu), len(device))):
+                    if cpu[i] is not None and device[i] is not None:
+                        src.append(cpu[i])
+                        dst.append(device[i])
+            if src:
+                queue.append(BlockCopies(src, dst))
+            moved += len(src)
+        self.bytes_swapped_in += moved * self.block_bytes
         self._free_after_step.extend(swapped.cpu_block_ids)
 
-    def prefetch(self, key: str, device_block_ids: list[int], num_computed_tokens: int = 0) -> int:
+    def prefetch(self, key: str, device_blocks: GroupBlockIds, num_computed_tokens: int = 0) -> int:
         """Load a paused request's CPU copy into `device_block_ids` now, after the
         `num_computed_tokens` that the prefix cache gave back; returns the tokens
         its blocks then hold."""
         swapped = self._swapped[key]
         self._local_hits[key] = num_computed_tokens
-        self.plan_load(key, device_block_ids, max(0, swapped.num_tokens - num_computed_tokens))
+        self.plan_load(key, device_blocks, max(0, swapped.num_tokens - num_computed_tokens))
         return max(swapped.num_tokens, num_computed_tokens)
 
     def release(self, key: str) -> None:

@@ -707,6 +707,35 @@ def test_resume_with_a_sliding_window_group(env, common):
     assert_all_free(e)
 
 
+def test_swap_with_a_sliding_window_group(env):
+    """The swap connector with a sliding-window group beside the full one: the save
+    copies both groups' blocks except those the window dropped, and the resume loads
+    every copied block the new request holds in each group."""
+    e = env("swap", sliding_window=16)
+    s, swap = e.scheduler, e.swap
+    paused = pause_with_token_in_flight(e)
+    finish_stale_step(e, paused)
+    held = [[b.block_id for b in m.req_to_blocks["r"] if not b.is_null] for m in e.kv_managers]
+    assert len(held[1]) < len(held[0])  # the window dropped some
+    output = e.runner.schedule()
+    save = saves_in(output)["r"]
+    assert sorted(save.src) == sorted(held[0] + held[1])
+    assert swap.bytes_swapped_out == len(save.src) * swap.block_bytes
+    e.runner.finish(finished_sending={"r"})
+    resumed = resume_request("q", paused)
+    s.add_request(resumed)
+    output = e.runner.schedule()
+    metadata = output.kv_connector_metadata
+    loaded = [pair for c in (*metadata.loads, *metadata.tail_loads) for pair in zip(c.src, c.dst)]
+    assert {src for src, _ in loaded} <= set(save.dst)
+    new_blocks = {b.block_id for m in e.kv_managers for b in m.req_to_blocks["q"] if not b.is_null}
+    assert {dst for _, dst in loaded} <= new_blocks
+    assert output.scheduled_new_reqs[0].num_computed_tokens == KV_AT_PAUSE
+    e.runner.finish()
+    decode_to_the_end(e, resumed, resumed.num_prompt_tokens, 4)
+    assert_all_free(e)
+
+
 def test_min_waste_swaps_out_prefetches_and_resumes(env):
     """min-waste with the tool's expected duration (1 s): swapped out at once, brought
     back just before the tool returns; the resume takes the prefetched blocks. The

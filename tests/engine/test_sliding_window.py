@@ -1,15 +1,10 @@
 """Models that mix sliding-window and full-attention layers (Gemma 3, gpt-oss): a tiny
 random Llama whose first layer attends over a 64-token window, token-exact against stock
-vLLM, which serves it with two KV cache groups (a sliding group whose blocks are dropped
-as they leave the window, and a full-attention group).
-
-- The policies that may swap (preserve, swap, min-waste, ttl) run InferCept's KV
-  connector, which does not declare vLLM's hybrid KV cache manager (`SupportsHMA`): vLLM
-  then serves the model with one KV cache group, every layer keeping all its blocks (the
-  kernel still applies the window). Correct, at the memory cost of the sliding layers'
-  old blocks.
-- discard and vllm need no connector: the engine keeps both groups. A paused request's
-  blocks are freed, handed on or counted in every group.
+vLLM. vLLM's hybrid KV cache manager serves it with two KV cache groups: a sliding group
+whose blocks are dropped (replaced by the null block) as they leave the window, and a
+full-attention group. InferCept's connector declares `SupportsHMA`, so every policy
+keeps both groups: a swap copies each group's blocks that are still there, a resume
+hands both groups' blocks on.
 """
 
 from __future__ import annotations
@@ -52,17 +47,39 @@ def groups(llm):
 
 
 @pytest.mark.parametrize("policy", ["preserve", "swap", "min-waste"])
-def test_connector_policies_serve_it_with_one_group(live_engine, swa_model, swa_stock, policy):
+def test_policies_with_the_connector_keep_both_groups(live_engine, swa_model, swa_stock,
+                                                      policy, monkeypatch):
     llm = live_engine.get(swa_model, policy, kv_cache_bytes=4 << 20, swap_space_bytes=2 << 20)
-    [group] = groups(llm)
-    assert group.kv_cache_spec.sliding_window == WINDOW  # the window is still applied
+    specs = {type(g.kv_cache_spec).__name__: g.kv_cache_spec for g in groups(llm)}
+    assert set(specs) == {"FullAttentionSpec", "SlidingWindowSpec"}
+    assert specs["SlidingWindowSpec"].sliding_window == WINDOW
+    swap = scheduler_of(llm).policy_driver.swap
+    saved = []
+    original = swap.swap_out
+
+    def swap_out(key, device_blocks, num_tokens, first_block=0):
+        done = original(key, device_blocks, num_tokens, first_block)
+        if done:
+            saved.append((device_blocks, num_tokens, swap.bytes_swapped_out))
+        return done
+
+    monkeypatch.setattr(swap, "swap_out", swap_out)
     sessions = run_scripts(llm, scripts())
     assert check_equivalent(swa_stock, sessions) == 10 * 64
+    if policy == "swap":
+        assert saved
+        names = [type(g.kv_cache_spec).__name__ for g in groups(llm)]
+        for device_blocks, num_tokens, _ in saved:
+            by_name = dict(zip(names, device_blocks))
+            full, sliding = by_name["FullAttentionSpec"], by_name["SlidingWindowSpec"]
+            # The window's dropped blocks are not there to copy.
+            assert None not in full and (num_tokens <= 2 * WINDOW or None in sliding)
     assert_all_free(llm)
 
 
 @pytest.mark.parametrize("policy", ["discard", "vllm"])
-def test_without_the_connector_it_keeps_both_groups(live_engine, swa_model, swa_stock, policy):
+def test_policies_without_the_connector_keep_both_groups(live_engine, swa_model, swa_stock,
+                                                         policy):
     from conftest import engine_kwargs
 
     from infercept import LLM

@@ -155,6 +155,7 @@ CONNECTOR_HOOKS = {
     "update_state_after_alloc": ("method", ["self", "request", "blocks", "num_external_tokens"]),
     "build_connector_meta": ("method", ["self", "scheduler_output"]),
     "request_finished": ("method", ["self", "request", "block_ids"]),
+    "get_loaded_kv_cache_group_ids": ("method", ["self", "request"]),
     "on_new_request": ("method", ["self", "request"]),  # InterceptSchedulerMixin._resume calls it
     # configuration
     "requires_piecewise_for_cudagraph": ("classmethod", ["cls", "extra_config"]),
@@ -367,18 +368,6 @@ def test_kv_cache_manager_calls_we_make():
         "revisit PolicyDriver._prefetch and InterceptSchedulerMixin._resume")
 
 
-def test_a_connector_without_hma_gets_one_kv_cache_group():
-    """InferCept's connector does not declare `SupportsHMA`, so vLLM turns its hybrid KV
-    cache manager off and serves sliding-window layers with full-attention blocks: the
-    connector then always sees one group (tests/engine/test_sliding_window.py)."""
-    from vllm.config import VllmConfig
-
-    source = inspect.getsource(VllmConfig)
-    assert "supports_hma_config" in source and "need_disable_hybrid_kv_cache_manager = True" in source, (
-        "vLLM's hybrid-manager switch for connectors changed: revisit InterceptConnector's "
-        "one-group check")
-
-
 def test_single_type_manager_dicts_are_exactly_the_ones_transfer_rekeys():
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
 
@@ -412,7 +401,7 @@ def test_transfer_and_truncate_on_vllms_own_kv_cache_manager():
     assert manager.allocate_slots(paused, 40, delay_cache_blocks=True, has_scheduled_reqs=False) is not None
     assert set(single.req_to_blocks) == {"paused"}, "req_to_blocks is not keyed by request id"
     ids = blocks.block_ids(manager, "paused")
-    assert len(ids) == 3 and manager.get_block_ids("paused") == (ids,)
+    assert len(ids) == 1 and len(ids[0]) == 3 and manager.get_block_ids("paused") == (ids[0],)
     # Every per-request dict holds the paused request (vLLM fills the last two while it runs).
     single.num_cached_block["paused"] = 1
     single._partial_hit_reqs["paused"] = (0, single.req_to_blocks["paused"][0])
@@ -432,8 +421,8 @@ def test_transfer_and_truncate_on_vllms_own_kv_cache_manager():
     last = single.req_to_blocks["resumed"][1]
     assert last.block_hash is None and last.ref_cnt == 1
     kept, tail = blocks.truncate(manager, "resumed", 20, 16)
-    assert kept == 20 and [b.block_id for b in tail] == ids[2:]
-    assert blocks.block_ids(manager, "resumed") == ids[:2]
+    assert kept == 20 and [b.block_id for b in tail] == ids[0][2:]
+    assert blocks.block_ids(manager, "resumed") == [ids[0][:2]]
     manager.block_pool.free_blocks(reversed(tail))  # as the scheduler does, past vLLM's fence
     assert manager.block_pool.get_num_free_blocks() == free + 1
     del single._partial_hit_reqs["resumed"]
@@ -486,16 +475,23 @@ def test_connector_hooks_keep_the_signatures_we_implement():
         f"vLLM added abstract connector hooks: {sorted(InterceptConnector.__abstractmethods__)}")
 
 
-def test_vllm_calls_request_finished_with_one_groups_block_ids():
-    """Without `SupportsHMA`, vLLM calls `request_finished(request, block_ids[0])`."""
+def test_vllm_calls_request_finished_all_groups_of_an_hma_connector():
+    """With `SupportsHMA`, vLLM calls `request_finished_all_groups(request, block_ids)`
+    (one list per KV cache group) and keeps its hybrid KV cache manager on."""
+    from vllm.config import VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole, SupportsHMA
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from infercept.adapter.connector import InterceptConnector
 
-    assert not issubclass(InterceptConnector, SupportsHMA)
-    assert "self.connector.request_finished(" in inspect.getsource(Scheduler._connector_finished), (
-        "vLLM no longer calls request_finished from _connector_finished: revisit InterceptConnector")
+    assert issubclass(InterceptConnector, SupportsHMA)
+    assert params(SupportsHMA.request_finished_all_groups) == ["self", "request", "block_ids"]
+    assert params(InterceptConnector.request_finished_all_groups) == ["self", "request", "block_ids"]
+    assert "self.connector.request_finished_all_groups(" in inspect.getsource(
+        Scheduler._connector_finished), (
+        "vLLM no longer calls request_finished_all_groups: revisit InterceptConnector")
+    assert "supports_hma_config" in inspect.getsource(VllmConfig), (
+        "vLLM's hybrid-manager switch for connectors changed: revisit InterceptConnector")
     assert {KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER} <= set(KVConnectorRole)
 
 
@@ -613,7 +609,7 @@ def test_block_transfer_moves_all_per_request_bookkeeping(intercept_llm):
     assert {"req_to_blocks", "num_cached_block"} <= holding <= KV_MANAGER_REQUEST_DICTS
     ids = blocks.block_ids(manager, paused_id)
     free = manager.block_pool.get_num_free_blocks()
-    assert blocks.transfer(manager, paused_id, "probe") == len(ids) > 0
+    assert blocks.transfer(manager, paused_id, "probe") == len(ids[0]) > 0
     assert blocks.block_ids(manager, "probe") == ids
     assert paused_id not in single.req_to_blocks and paused_id not in single.num_cached_block
     assert manager.block_pool.get_num_free_blocks() == free
