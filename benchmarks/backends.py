@@ -268,7 +268,7 @@ class InterceptBackend(InProcessBackend):
         if index == len(request.segments) - 1:
             return InterceptSpec()
         return InterceptSpec(intercept_after=request.segments[index].generate_tokens,
-                             tool=request.augmentation)
+                             tool=request.tool_of(index))
 
     def step(self) -> StepReport:
         from infercept.entrypoints.sessions import SessionState

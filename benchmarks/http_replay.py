@@ -134,7 +134,7 @@ class HttpReplay:
         if index == len(request.segments) - 1:
             return None
         return {"intercept_after": request.segments[index].generate_tokens,
-                "tool": request.augmentation}
+                "tool": request.tool_of(index)}
 
     async def _complete(self, request, context, index, log, spec=None):
         """Stock: one segment as a whole-context completion. InferCept: the first segment,

@@ -41,6 +41,7 @@ from typing import Iterable, Mapping
 
 AUGMENTATIONS = ("arithmetic", "qa", "virtual_env", "chatbot", "image", "tts")
 MIX = "mix"
+AGENT = "agent"  # today's agents (infercept.bench.agents), beside the paper's six
 
 # The paper's Table 1 (as in /work/shared/workloads/augmentations.json): per augmentation,
 # (mean, sd) of the interception duration in seconds, the interceptions per request and the
@@ -167,6 +168,7 @@ class Segment:
     tool_s: float = 0.0
     tool_return_tokens: int = 0
     tool_return_token_ids: tuple[int, ...] | None = None
+    tool: str | None = None  # the tool it calls; None: the request's augmentation
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,10 @@ class Request:
     @property
     def num_interceptions(self) -> int:
         return len(self.segments) - 1
+
+    def tool_of(self, index: int) -> str:
+        """The tool segment ``index`` calls (the interception spec's ``tool``)."""
+        return self.segments[index].tool or self.augmentation
 
     @property
     def prompt_tokens(self) -> int:
@@ -288,6 +294,36 @@ def _draw_request(index: int, augmentation: str, model: AugmentationModel,
     return Request(f"{workload}-{index}", augmentation, 0.0, tuple(segments), prompt_ids)
 
 
+def _agent_trace(num_requests: int, rate: float, seed: int, time_scale: float,
+                 length_scale: float, max_context_tokens: int | None, vocab_size: int | None,
+                 excluded_token_ids: Iterable[int]) -> Trace:
+    """The ``agent`` workload (``infercept.bench.agents``): every request starts with one
+    of the model's shared system prompts."""
+    from infercept.bench.agents import AGENT_MODEL, draw_agent_request
+
+    options = _Options(seed, time_scale, length_scale, max_context_tokens, vocab_size,
+                       frozenset(excluded_token_ids))
+    system_ids: dict[int, tuple[int, ...] | None] = {}
+    requests = []
+    for index, arrival_s in enumerate(poisson_arrivals_s(num_requests, rate, seed)):
+        rng = random.Random(f"{seed}:{index}:content")
+        request, system, group = draw_agent_request(index, rng, AGENT_MODEL, time_scale,
+                                                    length_scale, max_context_tokens)
+        ids_rng = random.Random(f"{seed}:{index}:tokens")
+        segments = tuple(dataclasses.replace(
+            s, tool_return_token_ids=options.token_ids(ids_rng, s.tool_return_tokens)
+            if s.tool_return_tokens else None) for s in request.segments)
+        request = dataclasses.replace(
+            request, arrival_s=arrival_s, segments=segments,
+            prompt_token_ids=options.token_ids(ids_rng, request.prompt_tokens))
+        if group not in system_ids:
+            system_ids[group] = options.token_ids(random.Random(f"{seed}:prefix:{group}"), system)
+        requests.append(_with_prefix(request, f"{AGENT}-system-{group}", system,
+                                     system_ids[group]))
+    return Trace(AGENT, seed, rate, time_scale, length_scale, tuple(requests),
+                 max_context_tokens, vocab_size)
+
+
 def _with_prefix(request: Request, key: str, num_tokens: int,
                  token_ids: tuple[int, ...] | None) -> Request:
     """``request`` with a shared prefix of ``num_tokens`` put in front of its prompt."""
@@ -379,6 +415,12 @@ def generate_trace(augmentation: str, num_requests: int, rate: float, seed: int,
         raise ValueError("time_scale and length_scale must be positive")
     if max_context_tokens is not None and max_context_tokens < 2:
         raise ValueError("max_context_tokens must be at least 2")
+    if augmentation == AGENT:
+        if shared_prefix_tokens:
+            raise ValueError("the agent workload brings its own shared system prompts")
+        trace = _agent_trace(num_requests, rate, seed, time_scale, length_scale,
+                             max_context_tokens, vocab_size, excluded_token_ids)
+        return trace if with_interceptions else trace.without_interceptions()
     stats = load_stats(stats_path)
     models = {name: AugmentationModel.from_stats(s) for name, s in stats.items()}
     if augmentation == MIX:

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "engine's measured cost model)")
     parser.add_argument("--workload", default="mix",
                         help="mix, or one augmentation: arithmetic, qa, virtual_env, chatbot, "
-                             "image, tts")
+                             "image, tts; or agent (today's coding and tool agents: "
+                             "infercept.bench.agents)")
     parser.add_argument("--trace", type=Path, help="replay this trace (infercept.bench.workload "
                         "Trace JSON), its arrivals rescaled to each rate")
     parser.add_argument("--rates", default="1,2,3,4,5,6",

@@ -407,6 +407,7 @@ class Engine:
             return (FINISH if session.is_last_segment else PAUSE, session, end_s)
         request.kv_tokens = request.num_computed
         request.paused_at_s = end_s
+        request.tool = session.tool  # this segment's call
         request.location = Location.DEVICE
         self.intercepts[request.key] = request
         self._register(request, Location.DEVICE)

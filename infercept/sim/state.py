@@ -37,7 +37,7 @@ class Session:
     @property
     def tool(self) -> str:
         """The tool a pause calls, as the engine's interception spec names it."""
-        return self.request.augmentation
+        return self.request.tool_of(self.segment)
 
     @property
     def generate_tokens(self) -> int:

@@ -96,3 +96,14 @@ def test_shared_prompts_are_shared():
     swapped = {trace: simulate(trace, roomy, "swap").counters.swapped_out_bytes
                for trace in (plain, shared)}
     assert 0 < swapped[shared] < swapped[plain]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_agent_workload_runs_to_the_end(policy):
+    """Tens of turns on shared system prompts, scaled to the small profile."""
+    trace = generate_trace("agent", 20, 2.0, 0, length_scale=0.02, time_scale=0.05,
+                           max_context_tokens=1000)
+    result = simulate(trace, SMALL, policy, SimConfig(check_invariants=True))
+    assert all(record.completed for record in result.records)
+    assert result.stats["device_blocks_in_use_at_end"] == 0
+    assert result.stats["cpu_blocks_in_use_at_end"] == 0

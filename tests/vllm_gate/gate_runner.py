@@ -77,10 +77,9 @@ _NO_CONNECTOR = (
 )
 _ENC_DEC = (
     "encoder-decoder KV layout (a cross-attention KV cache group beside the "
-    "self-attention one, built by _create_encoder_decoder_scheduler); InferCept's "
-    "connector refuses more than one KV cache group (NotImplementedError; and vLLM "
-    "asserts that no KV connector runs with an encoder-decoder model), so the swap "
-    "policies cannot run such models"
+    "self-attention one, built by _create_encoder_decoder_scheduler); vLLM asserts "
+    "that no KV connector runs with an encoder-decoder model, so the swap policies "
+    "cannot run such models"
 )
 _SCHED = "tests/v1/core/test_scheduler.py::"
 EXCEPTIONS: dict[str, Excepted] = {
