@@ -136,3 +136,27 @@ def anthropic_error(response: Response) -> Response:
         return response
     return JSONResponse({"type": "error", "error": {"type": error.get("type"), "message": error.get("message")}},
                         status_code=response.status_code)
+
+
+def function_calls(response: dict) -> list[dict]:
+    """A Responses API response's `function_call` output items."""
+    return [item for item in response.get("output") or ()
+            if isinstance(item, dict) and item.get("type") == "function_call"]
+
+
+def with_previous_calls(body: dict, calls: list[dict]) -> None:
+    """Put the previous response's function calls in front of a follow-up's input.
+
+    vLLM 0.32 rebuilds a `previous_response_id` conversation from the previous
+    response's messages only (`construct_input_messages` keeps its text output and
+    drops its `function_call` items), so the `function_call_output` that follows
+    would answer a call the model never sees. Calls the input already holds (by
+    `call_id`) are not repeated.
+    """
+    items = body.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or ())
+    present = {item.get("call_id") for item in items if isinstance(item, dict)}
+    missing = [call for call in calls if call.get("call_id") not in present]
+    if missing:
+        body["input"] = missing + items
+

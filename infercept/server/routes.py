@@ -83,9 +83,10 @@ async def create_message(raw_request: Request):
 @router.post(RESPONSES, responses=_GENERATE_RESPONSES)
 async def create_response(raw_request: Request):
     """OpenAI's Responses API (vLLM's), with interception: a turn that ends in a
-    `function_call` pauses; the follow-up with its `function_call_output` (the
-    input items sent again) resumes it. One by `previous_response_id` does not:
-    vLLM rebuilds that conversation without the previous function calls."""
+    `function_call` pauses; the follow-up with its `function_call_output` resumes
+    it, whether it sends the input items again or names the previous response
+    (`previous_response_id`, with vLLM's response store on): the calls that vLLM
+    0.32 leaves out of such a conversation are put back (`with_previous_calls`)."""
     return await _generate(raw_request, "responses")
 
 
@@ -150,6 +151,8 @@ async def _generate(raw_request: Request, kind: str):
         converse = kind in CONVERSATIONS and getattr(raw_request.app.state.args, "intercept_policy",
                                                      None) != "vllm"
         pause_turn = converse and _pause_turn(raw_request, extension)
+        if kind == "responses" and isinstance(body.get("previous_response_id"), str):
+            payloads.with_previous_calls(body, service.calls_of(body["previous_response_id"]))
         claimed = await service.claim(extension.resume) if extension.resume else None
     except ValidationError as error:
         return error_response(HTTPStatus.BAD_REQUEST, "infercept: " + validation_message(error),
@@ -220,6 +223,8 @@ async def _run(raw_request: Request, kind: str, body: dict, spec: dict, claimed:
         await session.abandon()
         return response
     data = json.loads(response.body)
+    if kind == "responses":
+        service.remember_calls(data.get("id"), payloads.function_calls(data))
     call_ids = payloads.call_ids(data, kind)
     info = await session.settle(call_ids, payloads.reply_text(data, kind))
     if info:
@@ -296,6 +301,8 @@ class _Segment:
                     if payloads.is_last_event(event, self.kind):
                         if self.kind == "responses":  # the last event holds the whole response
                             response = payloads.event_data(event).get("response") or {}
+                            self.service.remember_calls(response.get("id"),
+                                                        payloads.function_calls(response))
                             call_ids = payloads.call_ids(response, self.kind)
                             reply = [payloads.reply_text(response, self.kind)]
                         info = await self.settle(call_ids, "".join(reply))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -77,6 +78,24 @@ class InterceptService:
         self.publisher = None  # a metrics.StatsPublisher in the API server that publishes
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Future] = set()
+        # The function calls of the last responses (Responses API) this process served,
+        # by response id, for follow-ups by `previous_response_id`.
+        self._response_calls: OrderedDict[str, list[dict]] = OrderedDict()
+
+    # ---- Responses API follow-ups --------------------------------------------
+
+    MAX_REMEMBERED_RESPONSES = 4096
+
+    def remember_calls(self, response_id: str | None, calls: list[dict]) -> None:
+        if not response_id or not calls:
+            return
+        self._response_calls[response_id] = calls
+        while len(self._response_calls) > self.MAX_REMEMBERED_RESPONSES:
+            self._response_calls.popitem(last=False)
+
+    def calls_of(self, response_id: str) -> list[dict]:
+        """The function calls a response this process served ended with ([]: none known)."""
+        return self._response_calls.get(response_id, [])
 
     # ---- ids and engines ---------------------------------------------------
 

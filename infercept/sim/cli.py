@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration-s", type=float, default=1800.0,
                         help="arrivals span this long at every rate (rate x duration requests)")
     parser.add_argument("--policies", default="vllm,discard,preserve,swap,min-waste",
-                        help="comma-separated: vllm, discard, preserve, swap, min-waste, ttl, "
-                             "unbounded")
+                        help="comma-separated: vllm, vllm-offload (stock vLLM with its CPU KV "
+                             "offloading), discard, preserve, swap, min-waste, ttl, unbounded")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--router", default="affinity",

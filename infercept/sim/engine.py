@@ -28,18 +28,21 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from bisect import bisect_right
+from collections import Counter
 
 from infercept.bench.metrics import EngineCounters
 from infercept.policy import BatchState, Location
 from infercept.sim.blocks import CpuPool, DevicePool
+from infercept.sim.offload import CpuTier
 from infercept.sim.driver import PolicyDriver
 from infercept.sim.profiles import HardwareProfile
 from infercept.sim.state import Session, SimRequest
 
 STOCK = "vllm"  # stock vLLM: an interception ends the request
+OFFLOAD = "vllm-offload"  # stock vLLM with its native CPU KV offloading (infercept.sim.offload)
 UNBOUNDED = "unbounded"  # preserve everything in a KV cache that never fills
-ENGINE_POLICIES = (STOCK, "discard", "preserve", "swap", "min-waste", "min-waste-paper", "ttl",
-                   UNBOUNDED)
+ENGINE_POLICIES = (STOCK, OFFLOAD, "discard", "preserve", "swap", "min-waste", "min-waste-paper",
+                   "ttl", UNBOUNDED)
 
 PAUSE, FINISH = "pause", "finish"
 Event = tuple[str, Session, float]  # (kind, session, time_s)
@@ -63,12 +66,18 @@ class Engine:
             cost = dataclasses.replace(cost, device_capacity_tokens=device_capacity_tokens)
         self.cost = cost
         self.policy = policy
-        self.pauses = policy != STOCK
-        self.driver = None if policy == STOCK else PolicyDriver(
+        self.pauses = policy not in (STOCK, OFFLOAD)
+        self.driver = None if not self.pauses else PolicyDriver(
             "preserve" if policy == UNBOUNDED else policy, plan_every_iteration)
         self.block_size = bs = cost.block_size_tokens
         self.pool = DevicePool(cost.device_capacity_tokens // bs, prefix_caching)
         self.cpu = CpuPool(cost.cpu_capacity_tokens // bs)
+        # vllm-offload: the CPU tier (the same host memory InferCept's swap space gets), the
+        # requests waiting for a load from it, and the runs their loads pin.
+        self.tier = CpuTier(cost.cpu_capacity_tokens // bs) if policy == OFFLOAD else None
+        self.loading: list[SimRequest] = []
+        self._started_loads: list[tuple[SimRequest, float]] = []
+        self._pinned_runs: Counter[str] = Counter()
         self.max_num_seqs = profile.max_num_seqs
         self.max_num_batched_tokens = profile.max_num_batched_tokens
         self.attention_s_per_kv_token = profile.attention_s_per_kv_token
@@ -113,12 +122,12 @@ class Engine:
     def runnable(self) -> bool:
         """Whether ``step`` has something to do at ``clock_s``."""
         return not self.blocked and bool(self.running or self.kv_holding or self.waiting
-                                         or self._plan_pending)
+                                         or self._plan_pending or self.loading)
 
     @property
     def num_active(self) -> int:
         """Requests running or queued (a router's load)."""
-        return len(self.running) + len(self.kv_holding) + len(self.waiting)
+        return len(self.running) + len(self.kv_holding) + len(self.waiting) + len(self.loading)
 
     def holds(self, request_id: str) -> bool:
         return request_id in self.intercepts
@@ -152,6 +161,8 @@ class Engine:
     def step(self) -> list[Event]:
         now = self.clock_s
         self._swap_tokens = 0
+        if self.loading:
+            self._land_loads(now)
         if self.driver is not None and self.intercepts:
             self.driver.step(self, now)
             self._release_saved_prefixes()
@@ -159,6 +170,10 @@ class Engine:
         work, num_decoding = self._schedule()
         num_tokens = num_decoding + sum(chunk for _, chunk in work)
         if num_tokens == 0 and self._swap_tokens == 0:
+            self._time_loads(now)
+            if self.loading:  # nothing to run until a load lands
+                self.clock_s = max(now, min(r.ready_s for r in self.loading))
+                return []
             self.blocked = True
             return []
         self.running_computed_tokens += num_tokens
@@ -170,6 +185,9 @@ class Engine:
         iteration = self.num_iterations
         self.num_iterations += 1
         events: list[Event] = []
+        if self.tier is not None:
+            self._time_loads(end_s)
+            self._write_to_tier(work)
         self._finish_decodes(iteration, end_s, events)
         recomputed = self._finish_prefills(work, iteration, end_s, events)
         self.forward_s += forward_s
@@ -242,6 +260,16 @@ class Engine:
                 # without it the request recomputes from its hit and lets the copy go.
                 loads = (request.location is Location.CPU
                          and request.uncopied_tokens <= hit_blocks * bs)
+                if self.tier is not None:
+                    tier_end = self._tier_hit_end(request, hit_blocks,
+                                                  (request.num_tokens - 1) // bs)
+                    request.offload_from = tier_end if tier_end > hit_blocks else 0
+                    if tier_end > hit_blocks:
+                        if from_free + tier_end - hit_blocks > pool.num_free_blocks:
+                            return
+                        queue.pop(0)
+                        self._start_load(request, shared_blocks, hit_blocks, tier_end)
+                        continue
                 computed = max(hit_blocks * bs, request.kv_tokens if loads else 0)
                 chunk = min(request.num_tokens - computed, budget)
                 new_blocks = _ceil_div(computed + chunk, bs) - hit_blocks
@@ -317,6 +345,78 @@ class Engine:
             request.shared_blocks = shared_blocks
         self.pool.take_cached(request.key, hit_blocks - shared_blocks)
         request.num_blocks = hit_blocks
+
+    # ---- vllm-offload: vLLM's CPU tier ----------------------------------------
+
+    def _tier_keys(self, request: SimRequest) -> tuple[str | None, str]:
+        """(its shared prompt's run, its own run) in the tier."""
+        prefix = "\0tier-prefix:" + request.prefix_key if self._shares_prefix(request) else None
+        return prefix, request.key
+
+    def _tier_hit_end(self, request: SimRequest, hit_blocks: int, max_blocks: int) -> int:
+        """Where the tier's consecutive blocks after the GPU hit end (its shared prompt's
+        run covers blocks [0, P), its own run [P, P + n))."""
+        prefix_key, own_key = self._tier_keys(request)
+        first_own = request.prefix_tokens // self.block_size if prefix_key else 0
+        end = hit_blocks
+        if end < first_own:
+            end = max(end, min(self.tier.blocks_of(prefix_key), first_own))
+            if end < first_own:
+                return min(end, max_blocks)
+        own = self.tier.blocks_of(own_key)
+        if end < first_own + own:
+            end = first_own + own
+        return min(end, max_blocks)
+
+    def _start_load(self, request: SimRequest, shared_blocks: int, hit_blocks: int,
+                    end_blocks: int) -> None:
+        """vLLM's asynchronous load: the blocks now, the request parked until the copy,
+        which starts after this step's forward pass, is done."""
+        bs = self.block_size
+        self._take_hit(request, shared_blocks, hit_blocks)
+        self._allocate(request, end_blocks - hit_blocks, end_blocks * bs)
+        request.num_computed = end_blocks * bs
+        tokens = (end_blocks - hit_blocks) * bs
+        self.tier.loaded(request.key, end_blocks - hit_blocks)
+        self.swapped_in_bytes += tokens * self.cost.kv_bytes_per_token
+        for key in filter(None, self._tier_keys(request)):
+            self._pinned_runs[key] += 1
+        self.loading.append(request)
+        self._started_loads.append((request, self.cost.swap_s(tokens)))
+
+    def _time_loads(self, forward_end_s: float) -> None:
+        for request, load_s in self._started_loads:
+            request.ready_s = forward_end_s + load_s
+        self._started_loads.clear()
+
+    def _land_loads(self, now: float) -> None:
+        """Loads reported done join the requests that hold KV, in arrival order."""
+        landed = [r for r in self.loading if r.ready_s <= now]
+        for request in landed:
+            self.loading.remove(request)
+            for key in filter(None, self._tier_keys(request)):
+                self._pinned_runs[key] -= 1
+                if not self._pinned_runs[key]:
+                    del self._pinned_runs[key]
+            queue = self.kv_holding
+            queue.insert(bisect_right(queue, request.arrival_s, key=_arrival_s), request)
+
+    def _write_to_tier(self, work) -> None:
+        """Full prompt blocks this step computes go to the tier (vLLM writes them after
+        the forward pass; a request's write is all or nothing)."""
+        bs, tier = self.block_size, self.tier
+        pinned = tuple(self._pinned_runs)
+        for request, chunk in work:
+            done = min(request.num_computed + chunk, request.num_tokens) // bs
+            prefix_key, own_key = self._tier_keys(request)
+            first_own = request.prefix_tokens // bs if prefix_key else 0
+            start = request.offload_from
+            keys = tuple(filter(None, (prefix_key, own_key)))
+            if prefix_key and start < first_own:
+                tier.write(prefix_key, start, min(done, first_own), pinned + keys)
+            if done > first_own:
+                tier.write(own_key, max(start, first_own) - first_own, done - first_own,
+                           pinned + keys)
 
     def _load_swapped(self, request: SimRequest, num_tokens: int) -> None:
         """The connector loads a resumed request's swapped KV (beyond its prefix hit)."""
@@ -403,6 +503,8 @@ class Engine:
         session = request.session
         session.context_tokens = request.num_tokens
         if session.is_last_segment or not self.pauses:
+            if self.tier is not None:
+                self.tier.touch(tuple(filter(None, self._tier_keys(request))))
             self._free_device(request)
             return (FINISH if session.is_last_segment else PAUSE, session, end_s)
         request.kv_tokens = request.num_computed
@@ -602,10 +704,13 @@ class Engine:
         """Raise AssertionError unless every block is accounted for exactly once."""
         bs = self.block_size
         self.pool.check()
+        if self.tier is not None:
+            self.tier.check()
         for request in self.running:
             self.materialize(request)
             assert request.num_blocks == _ceil_div(request.num_computed, bs), request
-        holders = [*self.running, *self.kv_holding, *self.intercepted_on(Location.DEVICE)]
+        holders = [*self.running, *self.kv_holding, *self.intercepted_on(Location.DEVICE),
+                   *self.loading]
         assert (sum(r.num_blocks - r.shared_blocks for r in holders) + self.pool.num_prefix_blocks
                 == self.pool.num_used_blocks)
         assert all(r.num_blocks == 0 and not r.holds_prefix for r in self.waiting)

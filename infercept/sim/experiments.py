@@ -203,7 +203,8 @@ def paper_table(entries: list[dict]) -> str:
     for e in entries:
         if e["replicas"] == 1:
             rows.setdefault((e["profile"], e["workload"], e["prefix_caching"]), {})[e["policy"]] = e
-    policies = ("vllm", "discard", "preserve", "swap", "min-waste-paper", "min-waste")
+    policies = ("vllm", "vllm-offload", "ttl", "discard", "preserve", "swap", "min-waste-paper",
+                "min-waste")
     lines = ["| profile | workload | APC | " + " | ".join(policies)
              + " | min-waste / vllm | / preserve | / swap | paper rule / vllm |",
              "|---|---|---|" + "---|" * (len(policies) + 4)]

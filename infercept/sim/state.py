@@ -70,7 +70,7 @@ class SimRequest:
                  "generated", "target", "dec_base", "end_iter", "seq", "decoding",
                  "location", "paused_at_s", "kv_tokens", "cpu_blocks", "next_check_s",
                  "prefix_key", "prefix_tokens", "holds_prefix", "shared_blocks",
-                 "uncopied_tokens")
+                 "uncopied_tokens", "offload_from", "ready_s")
 
     def __init__(self, session: Session, arrival_s: float) -> None:
         self.session = session
@@ -87,6 +87,10 @@ class SimRequest:
         self.holds_prefix = False
         self.shared_blocks = 0
         self.uncopied_tokens = 0  # swapped: the shared blocks' tokens its CPU copy left out
+        # vllm-offload: the block from which it writes its prompt to the CPU tier, and
+        # when its load from there lands (while it waits for one).
+        self.offload_from = 0
+        self.ready_s = 0.0
         self.generated = 0
         self.target = session.generate_tokens
         self.dec_base = 0

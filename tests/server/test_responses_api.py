@@ -72,3 +72,27 @@ def test_a_turn_that_ends_without_a_call_is_not_held(tiny_server, tiny_model):
     assert response.output_text == "Hello." and response.status == "completed"
     assert "intercept_id" not in (response.model_extra.get("infercept") or {})
     wait_until_nothing_held(tiny_server.base_url)
+
+
+def test_a_follow_up_by_previous_response_id_resumes(stock_agent, server_pool, tiny_model):
+    """With vLLM's response store on, the follow-up names the first response instead of
+    sending its items again. vLLM 0.32 rebuilds that conversation without the previous
+    `function_call` item; `infercept serve` puts it back, so the follow-up continues the
+    paused turn (it resumes it) and its answer is the one the explicit conversation gets
+    from the stock policy."""
+    server = server_pool.get(tiny_model, TINY_SERVER_ARGS,
+                             env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"})
+    client, model = server.client(), str(tiny_model)
+    first = client.responses.create(
+        model=model, input=[{"role": "user", "content": "What is 2+3? Use the calculator."}],
+        tools=TOOLS, temperature=0, max_output_tokens=80, extra_body=FORCE_CALL)
+    info = first.model_extra["infercept"]
+    [call] = [item for item in first.output if item.type == "function_call"]
+    answer = client.responses.create(
+        model=model, previous_response_id=first.id, tools=TOOLS, temperature=0,
+        max_output_tokens=16,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "5"}])
+    resumed = answer.model_extra["infercept"]
+    assert resumed["resumed_from"] == info["intercept_id"] and resumed["reused_tokens"] > 0
+    assert (call.arguments, answer.output_text) == stock_agent
+    wait_until_nothing_held(server.base_url)
