@@ -30,7 +30,9 @@ BASELINES = ("vllm", "preserve", "swap")
 # Start each search near the answer: per profile, a rate (req/s, one replica) around
 # where the mixed workload saturates.
 START_RATE = {"gptj-6b-a100": 3.0, "vicuna-13b-2xa100": 2.0, "llama3-70b-4xa100": 1.0,
-              "llama3-8b-h100": 8.0}
+              "llama3-8b-h100": 8.0, "llama31-8b-h100-128k": 8.0}
+# The agent workload's tasks carry ~50x the mix's tokens and last minutes.
+START_RATE_FACTOR = {"agent": 1 / 500}
 
 
 def search(profile_name: str, workload: str, policy: str, *, duration_s: float, seed: int,
@@ -40,7 +42,8 @@ def search(profile_name: str, workload: str, policy: str, *, duration_s: float, 
     profile = _profile(profile_name)
     config = SimConfig(replicas=replicas, router=router, prefix_caching=prefix_caching,
                        abort_over_slo=True)
-    start = start_rate or START_RATE.get(profile_name.partition("+")[0], 1.0) * replicas
+    start = start_rate or (START_RATE.get(profile_name.partition("+")[0], 1.0)
+                           * START_RATE_FACTOR.get(workload, 1.0) * replicas)
     started = time.perf_counter()
     rate, runs = find_sustainable_rate(profile, policy, trace_maker(workload, duration_s, seed),
                                        config, start_rate=start, rel_tol=tolerance,
@@ -114,13 +117,14 @@ def run_load(args: argparse.Namespace) -> None:
                 if n == 1 and router != "affinity":
                     continue
                 for policy in split(args.policies):
+                    seed = int(split(args.seeds)[0])
                     key = (profile, split(args.workloads)[0], policy, n, router,
-                           args.rate_per_replica, args.duration_s, args.seed)
+                           args.rate_per_replica, args.duration_s, seed)
                     if key in done:
                         continue
                     entry = load_point(profile, key[1], policy, replicas=n, router=router,
                                        rate_per_replica=args.rate_per_replica,
-                                       duration_s=args.duration_s, seed=args.seed)
+                                       duration_s=args.duration_s, seed=seed)
                     entries.append(entry)
                     with path.open("a") as f:
                         f.write(json.dumps(entry) + "\n")
@@ -159,7 +163,8 @@ def _start_rate(entries: list[dict], job: dict[str, Any]) -> float | None:
     the last rate found for the same setup (another policy), else the profile's default."""
     same = [e for e in entries if e["profile"] == job["profile_name"]
             and e["workload"] == job["workload"] and e["sustainable_rate"] is not None
-            and e["prefix_caching"] == job["prefix_caching"]]
+            and e["prefix_caching"] == job["prefix_caching"]
+            and e["duration_s"] == job["duration_s"]]
     for e in reversed(same):
         if e["policy"] == job["policy"] and e["replicas"] == 1:
             return e["sustainable_rate"] * job["replicas"]
@@ -198,21 +203,46 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+PAPER_POLICIES = ("vllm", "vllm-offload", "ttl", "discard", "preserve", "swap", "min-waste",
+                  "unbounded")
+
+
+def _spread(values: list[float]) -> str:
+    """Mean, and the range over seeds when there are several: "2.41 (2.30-2.55)"."""
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3g}"
+    return f"{mean:.3g} ({min(values):.3g}-{max(values):.3g})"
+
+
 def paper_table(entries: list[dict]) -> str:
-    rows: dict[tuple, dict[str, dict]] = {}
+    """Sustainable rate per policy (mean and range over the seeds run), and min-waste's
+    rate divided by each other policy's, seed by seed (mean and range of the ratios). A
+    policy that met the SLO at no rate tried counts as missing."""
+    rows: dict[tuple, dict[str, dict[int, float | None]]] = {}
     for e in entries:
         if e["replicas"] == 1:
-            rows.setdefault((e["profile"], e["workload"], e["prefix_caching"]), {})[e["policy"]] = e
-    policies = ("vllm", "vllm-offload", "ttl", "discard", "preserve", "swap", "min-waste-paper",
-                "min-waste")
-    lines = ["| profile | workload | APC | " + " | ".join(policies)
-             + " | min-waste / vllm | / preserve | / swap | paper rule / vllm |",
-             "|---|---|---|" + "---|" * (len(policies) + 4)]
-    for (profile, workload, apc), by_policy in rows.items():
-        rate = {p: by_policy[p]["sustainable_rate"] if p in by_policy else None for p in policies}
-        cells = [profile, workload, "on" if apc else "off"] + [_rate(rate[p]) for p in policies]
-        cells += [_ratio(rate["min-waste"], rate[b]) for b in BASELINES]
-        cells.append(_ratio(rate["min-waste-paper"], rate["vllm"]))
+            key = (e["profile"], e["workload"], e["prefix_caching"], e["duration_s"])
+            rows.setdefault(key, {}).setdefault(e["policy"], {})[e["seed"]] = e["sustainable_rate"]
+    present = {p for by_policy in rows.values() for p in by_policy}
+    policies = [p for p in PAPER_POLICIES if p in present] + sorted(present - set(PAPER_POLICIES))
+    peers = [p for p in policies if p != "min-waste"]
+    lines = ["| profile | workload | APC | seeds | " + " | ".join(policies) + " | "
+             + " | ".join(f"min-waste / {p}" for p in peers) + " |",
+             "|---|---|---|---|" + "---|" * (len(policies) + len(peers))]
+    for (profile, workload, apc, _), by_policy in sorted(rows.items()):
+        seeds = sorted({s for by_seed in by_policy.values() for s in by_seed})
+        cells = [profile, workload, "on" if apc else "off", ",".join(map(str, seeds))]
+        for p in policies:
+            cells.append(_spread([r for r in by_policy.get(p, {}).values() if r is not None]))
+        ours = by_policy.get("min-waste", {})
+        for p in peers:
+            theirs = by_policy.get(p, {})
+            ratios = [ours[s] / theirs[s] for s in seeds
+                      if ours.get(s) and theirs.get(s)]
+            cells.append(_spread(ratios))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -246,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", default="1,2,4,8,16")
     parser.add_argument("--routers", default="affinity,round-robin,least-loaded")
     parser.add_argument("--duration-s", type=float, default=1800.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="trace seeds, comma-separated: each cell "
+                        "is searched once per seed and reported with its range")
     parser.add_argument("--tolerance", type=float, default=0.05)
     parser.add_argument("--step", type=float, default=2.0,
                         help="factor between rates while bracketing the sustainable rate")
@@ -258,15 +289,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment == "load":
         run_load(args)
         return
-    common = {"duration_s": args.duration_s, "seed": args.seed,
-              "prefix_caching": not args.no_prefix_caching}
+    common = {"duration_s": args.duration_s, "prefix_caching": not args.no_prefix_caching}
     setups = [(1, "affinity")] if args.experiment == "paper" else [
         (int(n), router) for n in split(args.replicas) for router in split(args.routers)
         if int(n) > 1 or router == "affinity"]
     jobs = [{"profile_name": p, "workload": w, "policy": policy, "replicas": n,
-             "router": router, **common}
+             "router": router, "seed": int(seed), **common}
             for p in split(args.profiles) for w in split(args.workloads)
-            for n, router in setups for policy in split(args.policies)]
+            for n, router in setups for seed in split(args.seeds)
+            for policy in split(args.policies)]
     entries = run_all(jobs, args.out, tolerance=args.tolerance, step=args.step)
     table = paper_table(entries) if args.experiment == "paper" else scaling_table(entries)
     (args.out / "table.md").write_text(table)

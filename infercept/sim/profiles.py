@@ -89,6 +89,10 @@ LLAMA_3_8B = ModelSpec("Llama-3-8B", 8_030_261_248, num_layers=32, num_kv_heads=
                        source="meta-llama/Meta-Llama-3-8B config.json (32 layers, 8 KV heads "
                               "of 128)")
 
+LLAMA_3_1_8B = ModelSpec("Llama-3.1-8B", 8_030_261_248, num_layers=32, num_kv_heads=8,
+                         head_dim=128, source="meta-llama/Llama-3.1-8B config.json (32 layers, "
+                                              "8 KV heads of 128, 131,072-token context)")
+
 A100_80GB = GpuSpec("A100-SXM4-80GB", 80 * GIB, hbm_bytes_per_s=2.039e12, fp16_flops=312e12,
                     pcie_bytes_per_s=25e9,
                     source="NVIDIA A100 datasheet: HBM2e 2,039 GB/s, 312 TFLOP/s dense fp16; "
@@ -185,6 +189,17 @@ PROFILES: dict[str, HardwareProfile] = {
                          max_num_batched_tokens=8192, slo_p90_s_per_token=0.04),
     )
 }
+
+# Long contexts (the agent workload, docs/workloads.md): Llama-3.1-8B's 128K window on one
+# H100, with attention's KV reads timed (they dominate a step at tens of thousands of
+# tokens). SLO: 5x the step time of a batch holding one 64K-token context.
+_LONG = roofline_profile("llama31-8b-h100-128k", LLAMA_3_1_8B, H100_80GB, 1, max_num_seqs=1024,
+                         max_num_batched_tokens=8192, slo_p90_s_per_token=1.0)
+_LONG = dataclasses.replace(
+    _LONG, attention_s_per_kv_token=_LONG.kv_read_s_per_token,
+    slo_p90_s_per_token=round(5 * (_LONG.cost.fwd_base_s + 65_536 * _LONG.kv_read_s_per_token), 4),
+    description=_LONG.description + " Attention's KV reads timed; 128K-token context.")
+PROFILES[_LONG.name] = _LONG
 
 _PROFILE_KEYS = ("name", "max_num_seqs", "max_num_batched_tokens", "slo_p90_s_per_token",
                  "description", "attention_s_per_kv_token", "kv_read_s_per_token")
