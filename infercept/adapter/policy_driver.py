@@ -111,19 +111,30 @@ class PolicyDriver:
     def _batch_state(self) -> BatchState:
         s, block_size = self.scheduler, self.block_size
         running_tokens = sum(r.num_computed_tokens for r in s.running)
-        # This step's demand: a decode slot per running request (a new block
-        # for those at a block boundary), then waiting prefills in order, up
-        # to the step's token budget.
+        # This step's demand, in the blocks vLLM will allocate: running requests in
+        # order (a decode token each, a chunked prefill its next chunk), then waiting
+        # prefills up to the step's token budget. vLLM admits a waiting request only if
+        # its whole prompt fits (`scheduler_reserve_full_isl`, on by default), less
+        # what the prefix cache holds of it.
         budget = s.max_num_scheduled_tokens
-        batch_tokens = min(len(s.running), budget)
-        needed_tokens = block_size * sum(r.num_computed_tokens % block_size == 0 for r in s.running)
-        for queue in (s.kv_holding_waiting, s.waiting):
+        full = s.scheduler_reserve_full_isl
+        batch_tokens = needed_blocks = 0
+        for queue in (s.running, s.kv_holding_waiting, s.waiting):
+            running = queue is s.running
             for request in queue:
                 if batch_tokens >= budget:
                     break
-                tokens = min(request.num_tokens - request.num_computed_tokens, budget - batch_tokens)
+                computed = request.num_computed_tokens
+                if not running and computed == 0:
+                    computed = s.kv_cache_manager.get_computed_blocks(request)[1]
+                remaining = request.num_tokens - computed
+                if running:
+                    remaining = max(1, remaining + request.num_output_placeholders)
+                tokens = min(remaining, budget - batch_tokens)
                 batch_tokens += tokens
-                needed_tokens += tokens
+                end = computed + (remaining if full and not running else tokens)
+                needed_blocks += -(-end // block_size) - -(-computed // block_size)
+        needed_tokens = needed_blocks * block_size
         free_tokens = s.kv_cache_manager.block_pool.get_num_free_blocks() * block_size
         # Blocks a save still reads are not free, but come free within a step or two:
         # the demand they will meet is not pressure to evict more.

@@ -256,6 +256,11 @@ class Engine:
             if request.num_blocks == 0:
                 shared_blocks, hit_blocks, from_free = self._cache_hit(
                     request, (request.num_tokens - 1) // bs)
+                # vLLM 0.32 admits a request only if its whole prompt fits
+                # (scheduler_reserve_full_isl), less its prefix-cache hit.
+                if from_free + _ceil_div(request.num_tokens, bs) - hit_blocks \
+                        > pool.num_free_blocks:
+                    return
                 # A CPU copy that left a shared prefix out loads only onto that prefix;
                 # without it the request recomputes from its hit and lets the copy go.
                 loads = (request.location is Location.CPU
@@ -282,7 +287,8 @@ class Engine:
                 request.num_computed = computed
             else:
                 chunk = min(request.num_tokens - request.num_computed, budget)
-                if not self._grow(request, chunk):
+                if _ceil_div(request.num_tokens, bs) - request.num_blocks > pool.num_free_blocks \
+                        or not self._grow(request, chunk):
                     return
             queue.pop(0)
             self.running[request] = None
@@ -584,18 +590,29 @@ class Engine:
     def batch_state(self) -> BatchState:
         """The adapter's ``_batch_state``: this iteration's demand as vLLM will see it."""
         bs, budget = self.block_size, self.max_num_batched_tokens
-        batch_tokens = min(len(self.running), budget)
-        at_boundary = self._phase_counts[-self.num_iterations % bs]
-        if self.prefilling is not None and self.prefilling.num_computed % bs == 0:
-            at_boundary += 1
-        needed_tokens = bs * at_boundary
-        for queue in (self.kv_holding, self.waiting):
+        # Decoders a token each (a block for those at a block boundary), the running
+        # chunked prefill its next chunk, then waiting prefills: the blocks vLLM allocates.
+        num_decoding = len(self.running) - (self.prefilling is not None)
+        batch_tokens = min(num_decoding, budget)
+        needed_blocks = self._phase_counts[-self.num_iterations % bs]
+        queues = (self.kv_holding, self.waiting)
+        if self.prefilling is not None:
+            queues = ((self.prefilling,), *queues)
+        for queue in queues:
+            waiting = queue is not queues[0] or self.prefilling is None
             for request in queue:
                 if batch_tokens >= budget:
                     break
-                tokens = min(request.num_tokens - request.num_computed, budget - batch_tokens)
+                computed = request.num_computed
+                if waiting and request.num_blocks == 0:
+                    computed = self._cache_hit(request, (request.num_tokens - 1) // bs)[1] * bs
+                remaining = max(1, request.num_tokens - computed)
+                tokens = min(remaining, budget - batch_tokens)
                 batch_tokens += tokens
-                needed_tokens += tokens
+                # vLLM 0.32 admits a waiting request only if its whole prompt fits.
+                end = computed + (remaining if waiting else tokens)
+                needed_blocks += _ceil_div(end, bs) - _ceil_div(computed, bs)
+        needed_tokens = needed_blocks * bs
         free_tokens = self.pool.num_free_blocks * bs
         return BatchState(running_context_tokens=self.running_computed_tokens,
                           batch_tokens=batch_tokens, free_device_tokens=free_tokens,

@@ -736,6 +736,34 @@ def test_swap_with_a_sliding_window_group(env):
     assert_all_free(e)
 
 
+def test_memory_pressure_counts_a_waiting_prompt_whole(env):
+    """A paused request holds 3 of 11 blocks and a 130-token prompt arrives, to be
+    prefilled 48 tokens a step. vLLM admits a prompt only if all its blocks fit (9 here:
+    `scheduler_reserve_full_isl`), so the policy counts the whole prompt, not its first
+    chunk's 3 blocks: it evicts the paused request, and the prompt runs without a
+    preemption. (Counting the first chunk, nothing looked short, the prompt waited and
+    the paused request stayed until its timeout.)"""
+    e = env("preserve", connector=False, num_blocks=12, max_num_batched_tokens=48)
+    s = e.scheduler
+    paused = pause_with_token_in_flight(e)
+    settle(e, paused)
+    assert len(e.block_ids("r")) == 3 and e.free == 8
+    long = make_request("long", list(range(500, 630)), max_tokens=2)
+    s.add_request(long)
+    for _ in range(12):
+        if "r" not in s.intercepts or s.intercepts["r"].location.value != "preserved":
+            break
+        e.runner.step()
+    history = s.intercepts["r"].history
+    assert [h["action"] for h in history] == ["preserve", "discard"]
+    assert history[-1]["reason"].startswith("evicted")
+    assert s.policy_driver.stats.preemptions == 0
+    e.runner.drain()
+    assert long.is_finished() and s.policy_driver.stats.preemptions == 0
+    s.infercept_cancel("r")
+    assert_all_free(e)
+
+
 def test_min_waste_swaps_out_prefetches_and_resumes(env):
     """min-waste with the tool's expected duration (1 s): swapped out at once, brought
     back just before the tool returns; the resume takes the prefetched blocks. The

@@ -92,3 +92,17 @@ def test_the_policy_counts_only_what_a_paused_agent_alone_holds():
     assert b.location is Location.NONE and engine.pool.num_used_blocks == 4
     assert engine.own_kv_tokens(a) == 13
     engine.check()
+
+
+def test_a_prompt_is_admitted_only_when_it_fits_whole():
+    """vLLM 0.32 admits a waiting prompt only if all its blocks fit
+    (`scheduler_reserve_full_isl`). With both agents paused and preserved (6 of 16
+    blocks), a 48-token prompt (12 blocks) arrives: the policy counts all 12, not its
+    first 16-token chunk's 4: 8 tokens short. It evicts the later arrival first ("b"),
+    whose own tokens (5: the policy counts tokens, not the 2 blocks they fill) fall
+    short, then "a". The prompt then runs without any preemption."""
+    big = Request("c", "qa", 0.2, (Segment(48, 2),))
+    result = run("preserve", agent("a"), agent("b"), big)
+    assert all(r.completed for r in result.records)
+    assert result.stats["decisions"] == {"swap_out": 2}
+    assert result.stats["preemptions"] == 0
