@@ -114,6 +114,9 @@ SCHEDULER_ATTRIBUTES = {
     "connector": "InterceptSchedulerMixin.__init__ (the swap planner), _resume",
     "block_size": "InterceptSchedulerMixin._resume, PolicyDriver",
     "max_num_scheduled_tokens": "PolicyDriver._batch_state",
+    # vLLM admits a prompt only if it fits whole: the policy counts it so (and the
+    # simulator admits so).
+    "scheduler_reserve_full_isl": "PolicyDriver._batch_state, infercept/sim/engine.py _admit",
     "requires_kv_delivery": "InterceptConnector.requires_kv_delivery (read once, at start-up)",
     "deferred_frees": "InterceptSchedulerMixin._free_blocks_after_inflight",
     "sched_step_seq": "InterceptSchedulerMixin._free_blocks_after_inflight",
