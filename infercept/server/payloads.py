@@ -140,7 +140,8 @@ def anthropic_error(response: Response) -> Response:
 
 def function_calls(response: dict) -> list[dict]:
     """A Responses API response's `function_call` output items."""
-    return [item for item in response.get("output") or ()
+    return [{key: value for key, value in item.items() if value is not None}
+            for item in response.get("output") or ()
             if isinstance(item, dict) and item.get("type") == "function_call"]
 
 
@@ -155,7 +156,8 @@ def with_previous_calls(body: dict, calls: list[dict]) -> None:
     """
     items = body.get("input")
     items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or ())
-    present = {item.get("call_id") for item in items if isinstance(item, dict)}
+    present = {item.get("call_id") for item in items
+               if isinstance(item, dict) and item.get("type") == "function_call"}
     missing = [call for call in calls if call.get("call_id") not in present]
     if missing:
         body["input"] = missing + items

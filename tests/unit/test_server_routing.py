@@ -210,3 +210,25 @@ def test_a_responses_turn_is_named_by_its_function_calls():
                            {"type": "function_call_output", "call_id": "call-7", "output": "5"}]}
     assert asyncio.run(routes._follow_up_rank(dp, "responses", follow_up)) == 0
     assert core.calls[-1][2][0] == ["call-7", "call-7"]
+
+
+def test_a_previous_responses_function_calls_go_back_in_front_of_the_follow_up():
+    """vLLM 0.32 drops a previous response's function calls from a `previous_response_id`
+    conversation; they are put back before the new input, once (None fields dropped)."""
+    from infercept.server import payloads
+
+    response = {"id": "resp_1", "output": [
+        {"type": "reasoning", "id": "rs"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}", "async_": None},
+        {"type": "message", "content": []}]}
+    calls = payloads.function_calls(response)
+    assert calls == [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]
+    output = {"type": "function_call_output", "call_id": "c1", "output": "5"}
+    body = {"previous_response_id": "resp_1", "input": [output]}
+    payloads.with_previous_calls(body, calls)
+    assert body["input"] == [*calls, output]
+    payloads.with_previous_calls(body, calls)  # already there: not repeated
+    assert body["input"] == [*calls, output]
+    text = {"input": "go on"}
+    payloads.with_previous_calls(text, calls)
+    assert text["input"] == [*calls, {"role": "user", "content": "go on"}]
