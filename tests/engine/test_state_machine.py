@@ -104,6 +104,14 @@ class EngineSessions(RuleBasedStateMachine):
         live = self._live(state)
         return live[pick % len(live)]
 
+    def least_resumed_pick(self) -> int:
+        """The `pick` that resumes a pause in the place resumes have come from least."""
+        live = self._live(SessionState.INTERCEPTED)
+        if not live:
+            return 0
+        counts = [(self.seen[f"resume from {self._where(s)}"], i) for i, s in enumerate(live)]
+        return min(counts)[1]
+
     def _paused(self, session):
         """The scheduler's record of a paused session, if the engine still holds it."""
         return self.scheduler.intercepts.get(session.engine_request_id)
@@ -264,15 +272,16 @@ def walk_every_state(machine) -> None:
     """A fixed walk through the machine's rules that reaches every state a policy leaves a
     session in: Hypothesis' draws, derandomized or not, change with what ran before
     in the process, so the coverage the test asserts must not rest on them alone.
-    Each round steps, resumes a pause (not yet scheduled when it is interrupted), then
-    aborts, cancels and times out a session in the state least hit so far."""
+    Each round steps, resumes a pause where resumes have come from least (not yet
+    scheduled when it is interrupted), then aborts, cancels and times out a session in
+    the state least hit so far."""
     walk = machine()
     walk.start_engine(seed=7, num_sessions=5, spec=None)
     try:
         for round_ in range(12):
             walk.step(3)
-            walk.resume(pick=round_, seed=round_, kind="tokens", result_tokens=8,
-                        spec=InterceptSpec(intercept_after=4), max_tokens=None)
+            walk.resume(pick=walk.least_resumed_pick(), seed=round_, kind="tokens",
+                        result_tokens=8, spec=InterceptSpec(intercept_after=4), max_tokens=None)
             for kind in ("abort", "cancel", "time out"):
                 walk.interrupt(kind, round_)
                 walk.blocks_are_accounted_for()
