@@ -207,14 +207,17 @@ PAPER_POLICIES = ("vllm", "vllm-offload", "ttl", "discard", "preserve", "swap", 
                   "unbounded")
 
 
-def _spread(values: list[float]) -> str:
-    """Mean, and the range over seeds when there are several: "2.41 (2.30-2.55)"."""
+def _spread(values: list[float], num_seeds: int | None = None) -> str:
+    """Mean, and the range over seeds when there are several: "2.41 (2.30-2.55)"; with
+    fewer values than the row's ``num_seeds``, how many: "8.35 [1 seed]"."""
     if not values:
         return "-"
     mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.3g}"
-    return f"{mean:.3g} ({min(values):.3g}-{max(values):.3g})"
+    text = f"{mean:.3g}" if len(values) == 1 else (
+        f"{mean:.3g} ({min(values):.3g}-{max(values):.3g})")
+    if num_seeds is not None and len(values) < num_seeds:
+        text += f" [{len(values)} seed{'s' if len(values) > 1 else ''}]"
+    return text
 
 
 def paper_table(entries: list[dict]) -> str:
@@ -236,13 +239,14 @@ def paper_table(entries: list[dict]) -> str:
         seeds = sorted({s for by_seed in by_policy.values() for s in by_seed})
         cells = [profile, workload, "on" if apc else "off", ",".join(map(str, seeds))]
         for p in policies:
-            cells.append(_spread([r for r in by_policy.get(p, {}).values() if r is not None]))
+            cells.append(_spread([r for r in by_policy.get(p, {}).values() if r is not None],
+                                 len(seeds)))
         ours = by_policy.get("min-waste", {})
         for p in peers:
             theirs = by_policy.get(p, {})
             ratios = [ours[s] / theirs[s] for s in seeds
                       if ours.get(s) and theirs.get(s)]
-            cells.append(_spread(ratios))
+            cells.append(_spread(ratios, len(seeds)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -20,10 +20,10 @@ def test_cells_show_the_mean_and_the_range_over_seeds():
                      [c.strip() for c in row.split("|")[1:-1]]))
     assert cells["seeds"] == "0,1,2"
     assert cells["vllm"] == "2 (1-3)"
-    assert cells["swap"] == "5 (4-6)"  # seed 0 met the SLO at no rate tried
+    assert cells["swap"] == "5 (4-6) [2 seeds]"  # seed 0 met the SLO at no rate tried
     assert cells["min-waste"] == "2.67 (2-3)"
     assert cells["min-waste / vllm"] == "1.5 (1-2)"  # 2/1, 3/2, 3/3
-    assert cells["min-waste / swap"] == "0.625 (0.5-0.75)"  # 3/4, 3/6
+    assert cells["min-waste / swap"] == "0.625 (0.5-0.75) [2 seeds]"  # 3/4, 3/6
 
 
 def test_the_long_context_profile():
