@@ -6,6 +6,7 @@
 ``paper``: for each profile and workload, each policy's sustainable rate (bisection to
 ``--tolerance``) at the profile's SLO, and min-waste's ratios to the baselines.
 ``scaling``: the same for N replicas behind each router (rates are per cluster).
+``table``: rewrite ``table.md`` from the searches in ``results.jsonl`` (finished or not).
 ``load``: N replicas behind each router at a fixed load per replica (``--rate-per-replica``),
 one run per policy: whether each meets the SLO, its p90, completed requests per second
 per replica, the follow-ups that landed away from their KV, and the recompute share.
@@ -273,7 +274,8 @@ def split(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m infercept.sim.experiments")
-    parser.add_argument("experiment", choices=("paper", "scaling", "load"))
+    parser.add_argument("experiment", choices=("paper", "scaling", "load", "table"),
+                        help="table: rewrite table.md from the results.jsonl in --out")
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--workloads", default=",".join((MIX, *AUGMENTATIONS)))
     parser.add_argument("--policies", default="vllm,discard,preserve,swap,min-waste")
@@ -290,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="load: requests/s per replica")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.experiment == "table":
+        table = paper_table(_load(args.out / "results.jsonl"))
+        (args.out / "table.md").write_text(table)
+        print(table)
+        return
     if args.experiment == "load":
         run_load(args)
         return
