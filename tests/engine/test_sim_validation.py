@@ -83,6 +83,27 @@ def fixed_cost(llm):
     return dataclasses.replace(scheduler_of(llm).policy_driver.cost, **FIXED_TIMINGS)
 
 
+def engine_profile(llm):
+    """The engine's cost model (fixed_cost) and scheduler limits, as a simulator profile."""
+    cost = fixed_cost(llm)
+    limits = llm.llm_engine.vllm_config.scheduler_config
+    return cost, profile_from_dict({**cost.to_dict(), "max_num_seqs": limits.max_num_seqs,
+                                    "max_num_batched_tokens": limits.max_num_batched_tokens})
+
+
+def run_both(intercept_llm, policy, trace, cost, profile, monkeypatch):
+    """The trace through the real engine and the simulator: tokens forwarded and
+    recomputed, interceptions and completions must be equal."""
+    real = replay_on_virtual_clock(intercept_llm(policy), policy, trace, cost, monkeypatch)
+    sim = simulate(trace, profile, policy, SimConfig())
+    assert sim.counters.forwarded_tokens == real.counters.forwarded_tokens, policy
+    assert sim.counters.recomputed_tokens == real.counters.recomputed_tokens, policy
+    assert ([r.num_interceptions for r in sim.records]
+            == [r.num_interceptions for r in real.records]), policy
+    assert all(r.completed for r in real.records + list(sim.records)), policy
+    return real, sim
+
+
 def replay_on_virtual_clock(llm, policy, trace, cost, monkeypatch):
     """Replay ``trace``; every step lasts ``cost.forward_s`` of the tokens it scheduled,
     and InferCept's policy plans with ``cost``."""
@@ -109,20 +130,10 @@ def replay_on_virtual_clock(llm, policy, trace, cost, monkeypatch):
 
 def test_simulator_matches_the_engine_on_the_same_trace(intercept_llm, trace, monkeypatch,
                                                          tmp_path):
-    llm = intercept_llm(POLICIES[0])
-    cost = fixed_cost(llm)
-    limits = llm.llm_engine.vllm_config.scheduler_config
-    profile = profile_from_dict({**cost.to_dict(), "max_num_seqs": limits.max_num_seqs,
-                                 "max_num_batched_tokens": limits.max_num_batched_tokens})
+    cost, profile = engine_profile(intercept_llm(POLICIES[0]))
     measured, simulated = {}, {}
     for policy in POLICIES:
-        real = replay_on_virtual_clock(intercept_llm(policy), policy, trace, cost, monkeypatch)
-        sim = simulate(trace, profile, policy, SimConfig())
-        assert sim.counters.forwarded_tokens == real.counters.forwarded_tokens, policy
-        assert sim.counters.recomputed_tokens == real.counters.recomputed_tokens, policy
-        assert ([r.num_interceptions for r in sim.records]
-                == [r.num_interceptions for r in real.records]), policy
-        assert all(r.completed for r in real.records + list(sim.records)), policy
+        real, sim = run_both(intercept_llm, policy, trace, cost, profile, monkeypatch)
         # the virtual clock times no transfers: the sim must find them (nearly) all hidden
         assert sim.stats["swap_stall_s"] <= 0.01 * sim.counters.forward_s, policy
         measured[policy] = {RATE: compute_run_metrics(real.records, real.counters)}
@@ -148,19 +159,9 @@ def test_simulator_matches_the_engine_with_a_shared_system_prompt(intercept_llm,
                            mix_weights={a: 1.0 for a in WORKLOADS}, vocab_size=vocab_size,
                            excluded_token_ids=range(NUM_SPECIAL_TOKENS),
                            shared_prefix_tokens=100)
-    llm = intercept_llm("discard")
-    cost = fixed_cost(llm)
-    limits = llm.llm_engine.vllm_config.scheduler_config
-    profile = profile_from_dict({**cost.to_dict(), "max_num_seqs": limits.max_num_seqs,
-                                 "max_num_batched_tokens": limits.max_num_batched_tokens})
+    cost, profile = engine_profile(intercept_llm("discard"))
     for policy in ("discard", "swap"):
-        real = replay_on_virtual_clock(intercept_llm(policy), policy, trace, cost, monkeypatch)
-        sim = simulate(trace, profile, policy, SimConfig())
-        assert sim.counters.forwarded_tokens == real.counters.forwarded_tokens, policy
-        assert sim.counters.recomputed_tokens == real.counters.recomputed_tokens, policy
-        assert ([r.num_interceptions for r in sim.records]
-                == [r.num_interceptions for r in real.records]), policy
-        assert all(r.completed for r in real.records + list(sim.records)), policy
+        real, sim = run_both(intercept_llm, policy, trace, cost, profile, monkeypatch)
         # Not a coincidence: a simulator blind to the shared prompt forwards more.
         blind = dataclasses.replace(trace, requests=tuple(
             dataclasses.replace(r, shared_prefix_key=None, shared_prefix_tokens=0)
