@@ -170,7 +170,8 @@ class MinWastePolicy:
        WasteChunkD < WastePreserve, else preserved. (The paper discards on the waste test
        alone, pressure or not: ``min-waste-paper``. WastePreserve prices memory that nobody
        is waiting for, and the recomputation that follows costs compute: in the simulator
-       that variant sustains 1.30x vLLM's rate on GPT-J-6B against 1.68x for this one;
+       that variant sustained 1.30x vLLM's rate on GPT-J-6B against 1.68x for this one, in an
+       earlier version of the simulator;
        docs/simulator.md.)
     4. Memory pressure: preserved requests are evicted, least extra waste per freed
        token (WasteChunkD - WastePreserve) / C first: swapped out if the budget and CPU
