@@ -104,13 +104,16 @@ class EngineSessions(RuleBasedStateMachine):
         live = self._live(state)
         return live[pick % len(live)]
 
-    def least_resumed_pick(self) -> int:
-        """The `pick` that resumes a pause in the place resumes have come from least."""
+    def least_resumed_pick(self, round_: int) -> int:
+        """The `pick` that resumes a pause in the place resumes have come from least (the
+        round-th of those there, as `pick=round_` picks among all)."""
         live = self._live(SessionState.INTERCEPTED)
         if not live:
             return 0
-        counts = [(self.seen[f"resume from {self._where(s)}"], i) for i, s in enumerate(live)]
-        return min(counts)[1]
+        places = [self._where(s) for s in live]
+        least = min(places, key=lambda w: (self.seen[f"resume from {w}"], w))
+        candidates = [i for i, where in enumerate(places) if where == least]
+        return candidates[round_ % len(candidates)]
 
     def _paused(self, session):
         """The scheduler's record of a paused session, if the engine still holds it."""
@@ -280,7 +283,7 @@ def walk_every_state(machine) -> None:
     try:
         for round_ in range(12):
             walk.step(3)
-            walk.resume(pick=walk.least_resumed_pick(), seed=round_, kind="tokens",
+            walk.resume(pick=walk.least_resumed_pick(round_), seed=round_, kind="tokens",
                         result_tokens=8, spec=InterceptSpec(intercept_after=4), max_tokens=None)
             for kind in ("abort", "cancel", "time out"):
                 walk.interrupt(kind, round_)
