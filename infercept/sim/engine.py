@@ -359,6 +359,10 @@ class Engine:
         prefix = "\0tier-prefix:" + request.prefix_key if self._shares_prefix(request) else None
         return prefix, request.key
 
+    def _tier_runs(self, request: SimRequest) -> tuple[str, ...]:
+        """The tier runs a request reads or writes (its shared prompt's, if any, first)."""
+        return tuple(key for key in self._tier_keys(request) if key is not None)
+
     def _tier_hit_end(self, request: SimRequest, hit_blocks: int, max_blocks: int) -> int:
         """Where the tier's consecutive blocks after the GPU hit end (its shared prompt's
         run covers blocks [0, P), its own run [P, P + n))."""
@@ -385,7 +389,7 @@ class Engine:
         tokens = (end_blocks - hit_blocks) * bs
         self.tier.loaded(request.key, end_blocks - hit_blocks)
         self.swapped_in_bytes += tokens * self.cost.kv_bytes_per_token
-        for key in filter(None, self._tier_keys(request)):
+        for key in self._tier_runs(request):
             self._pinned_runs[key] += 1
         self.loading.append(request)
         self._started_loads.append((request, self.cost.swap_s(tokens)))
@@ -400,7 +404,7 @@ class Engine:
         landed = [r for r in self.loading if r.ready_s <= now]
         for request in landed:
             self.loading.remove(request)
-            for key in filter(None, self._tier_keys(request)):
+            for key in self._tier_runs(request):
                 self._pinned_runs[key] -= 1
                 if not self._pinned_runs[key]:
                     del self._pinned_runs[key]
@@ -417,7 +421,7 @@ class Engine:
             prefix_key, own_key = self._tier_keys(request)
             first_own = request.prefix_tokens // bs if prefix_key else 0
             start = request.offload_from
-            keys = tuple(filter(None, (prefix_key, own_key)))
+            keys = self._tier_runs(request)
             if prefix_key and start < first_own:
                 tier.write(prefix_key, start, min(done, first_own), pinned + keys)
             if done > first_own:
@@ -510,7 +514,7 @@ class Engine:
         session.context_tokens = request.num_tokens
         if session.is_last_segment or not self.pauses:
             if self.tier is not None:
-                self.tier.touch(tuple(filter(None, self._tier_keys(request))))
+                self.tier.touch(self._tier_runs(request))
             self._free_device(request)
             return (FINISH if session.is_last_segment else PAUSE, session, end_s)
         request.kv_tokens = request.num_computed
